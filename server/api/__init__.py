@@ -1,0 +1,1 @@
+"""The HTTP layer: OpenAI schemas, routes, streaming, errors."""

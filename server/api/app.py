@@ -1,0 +1,51 @@
+"""The app factory: loads the model, starts the engine for the app's lifetime, wires routes and errors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from ..config import Settings
+from ..engine.engine import Engine, EngineConfig
+from ..engine.loader import ModelLoadError, load
+from .errors import install_handlers
+from .routes import router
+from .serving import OpenAIServing
+
+
+def build_engine(settings: Settings) -> tuple[Engine, str]:
+    """Load the model named by the settings and build an engine for it (not started)."""
+    loaded = load(settings.model, device=settings.device, dtype=settings.dtype)
+    model_len = getattr(loaded.model.config, "max_position_embeddings", None) or settings.max_model_len or 2048
+    max_model_len = settings.max_model_len or model_len
+    if max_model_len > model_len:
+        raise ModelLoadError(f"--max-model-len {max_model_len} is longer than the model's context ({model_len})")
+    config = EngineConfig(
+        max_model_len=max_model_len,
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=max(settings.max_batch_tokens, max_model_len),
+        max_waiting=settings.max_waiting,
+    )
+    return Engine(loaded.model, loaded.tokenizer, loaded.device, config), settings.served_model_name or loaded.name
+
+
+def create_app(settings: Settings, engine: Engine | None = None, model_name: str | None = None) -> FastAPI:
+    if engine is None:
+        engine, model_name = build_engine(settings)
+    serving = OpenAIServing(engine, model_name or "model", engine.config.max_model_len)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="polyglot-server", lifespan=lifespan)
+    app.state.serving = serving
+    app.state.started = int(time.time())
+    install_handlers(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,115 @@
+"""OpenAI request bodies (fields in the order of OpenAI's reference), validated before queueing.
+
+Unknown fields are ignored, as OpenAI-compatible servers do; known fields that this server does
+not implement are rejected with a 400 when set to anything but their neutral value.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..engine.params import InvalidRequest
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TokenIds = list[Annotated[int, Field(ge=0)]]
+
+# field -> value that means "not used"; anything else gets a 400 naming the field
+UNSUPPORTED_COMMON = {
+    "logprobs": (None, False, 0),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+}
+UNSUPPORTED_COMPLETION = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1)}
+UNSUPPORTED_CHAT = {"top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none", "auto")}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = False
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    _unsupported: dict[str, tuple] = UNSUPPORTED_COMMON
+
+    model: str | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] = 1
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    user: str | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # extension, as in vLLM: 0 or -1 means off
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 16:
+            raise ValueError("at most 16 stop sequences are allowed")
+        return v
+
+    def check(self) -> None:
+        """Cross-field rules, raised with the field's name."""
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
+        values = {**(self.model_extra or {}), **self.__dict__}
+        for name, neutral in self._unsupported.items():
+            if name in values and values[name] not in neutral:
+                raise InvalidRequest(f"'{name}' is not supported by this server yet", name)
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(_Request):
+    _unsupported = {**UNSUPPORTED_COMMON, **UNSUPPORTED_COMPLETION}
+
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and isinstance(v[0], list) and any(not p for p in v):
+            raise ValueError("prompt token lists must not be empty")
+        return v
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Request):
+    _unsupported = {**UNSUPPORTED_COMMON, **UNSUPPORTED_CHAT}
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None

@@ -1,0 +1,245 @@
+"""Turns validated OpenAI requests into engine requests, and engine outputs into OpenAI responses."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..engine.engine import Engine, EngineError, RequestStream
+from ..engine.params import InvalidRequest, SamplingParams
+from .errors import APIError, error_body
+from .schemas import ChatCompletionRequest, CompletionRequest, _Request
+from .streaming import sse, sse_done
+
+
+@dataclass
+class Choice:
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+
+
+@dataclass
+class Job:
+    """One OpenAI request fanned out to engine requests (one per prompt), with its choices."""
+
+    id: str
+    created: int
+    model: str
+    streams: list[RequestStream]
+    prompt_tokens: int
+    n: int
+    choices: dict[int, Choice] = field(default_factory=dict)
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(c.tokens for c in self.choices.values())
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion}
+
+    async def events(self) -> AsyncIterator[tuple[int, str, str | None]]:
+        """(choice index, new text, finish reason) as the engine produces them, all prompts merged."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def pump(p: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    for o in out.outputs:
+                        await queue.put((p * self.n + o.index, o.text, o.finish_reason, len(o.token_ids)))
+            except EngineError as e:
+                await queue.put(e)
+            await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(self.streams)]
+        try:
+            for _ in range(len(tasks)):
+                while (item := await queue.get()) is not None:
+                    if isinstance(item, EngineError):
+                        raise item
+                    index, text, finish, ntok = item
+                    choice = self.choices.setdefault(index, Choice())
+                    choice.text += text
+                    choice.tokens += ntok
+                    choice.finish_reason = finish
+                    yield index, text, finish
+        finally:
+            for t in tasks:
+                t.cancel()
+
+
+class OpenAIServing:
+    def __init__(self, engine: Engine, model_name: str, max_model_len: int) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+
+    # -- requests -> engine ----------------------------------------------------------------
+    def _check_model(self, req: _Request) -> None:
+        if req.model is not None and req.model != self.model_name:
+            raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{self.model_name}'", "model", "model_not_found")
+
+    def _params(self, req: _Request, max_tokens: int | None, prompt_len: int) -> SamplingParams:
+        if max_tokens is None:
+            max_tokens = self.max_model_len - prompt_len
+            if max_tokens < 1:
+                raise InvalidRequest(
+                    f"This model's maximum context length is {self.max_model_len} tokens, and the prompt has {prompt_len}: no room for a completion.",
+                    "messages",
+                )
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=max(req.top_k or 0, 0),
+            seed=req.seed,
+            n=req.n,
+            stop=req.stop_list,
+        )
+
+    def _prompts(self, prompt: Any) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if isinstance(prompt[0], int):
+            prompt = [prompt]
+        vocab = len(self.tokenizer)
+        out = []
+        for p in prompt:
+            ids = self.tokenizer(p)["input_ids"] if isinstance(p, str) else p
+            if not ids:
+                raise InvalidRequest("prompt must not be empty", "prompt")
+            if max(ids) >= vocab:
+                raise InvalidRequest(f"prompt token id {max(ids)} is outside the vocabulary (size {vocab})", "prompt")
+            out.append(ids)
+        return out
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest(
+                f"the model '{self.model_name}' has no chat template; use /v1/completions with a prompt instead", "messages"
+            )
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # a template may refuse a role order, for instance
+            raise InvalidRequest(f"the chat template rejected these messages: {e}", "messages") from e
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _start(self, prompts: list[list[int]], params: list[SamplingParams], prefix: str) -> Job:
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        streams: list[RequestStream] = []
+        try:
+            for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
+                streams.append(self.engine.generate(ids, p, f"{rid}-{i}"))
+        except Exception:
+            for s in streams:
+                self.engine.abort(s.request_id)
+            raise
+        return Job(rid, int(time.time()), self.model_name, streams, sum(map(len, prompts)), params[0].n)
+
+    # -- endpoints ------------------------------------------------------------------------
+    async def completions(self, req: CompletionRequest, raw: Request) -> Response:
+        req.check()
+        self._check_model(req)
+        prompts = await asyncio.to_thread(self._prompts, req.prompt)
+        job = self._start(prompts, [self._params(req, req.max_tokens, len(p)) for p in prompts], "cmpl")
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return streaming_response(self._completion_chunks(job, include_usage))
+        if not await finish_unless_disconnected(job, raw):
+            return Response(status_code=499)
+        choices = [
+            {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+            for i, c in sorted(job.choices.items())
+        ]
+        return JSONResponse(
+            {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model, "choices": choices, "usage": job.usage()}
+        )
+
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        req.check()
+        self._check_model(req)
+        ids = await asyncio.to_thread(self._chat_prompt, req)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        job = self._start([ids], [self._params(req, max_tokens, len(ids))], "chatcmpl")
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return streaming_response(self._chat_chunks(job, include_usage))
+        if not await finish_unless_disconnected(job, raw):
+            return Response(status_code=499)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in sorted(job.choices.items())
+        ]
+        return JSONResponse(
+            {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model, "choices": choices, "usage": job.usage()}
+        )
+
+    # -- streams --------------------------------------------------------------------------
+    async def _completion_chunks(self, job: Job, include_usage: bool) -> AsyncIterator[str]:
+        head = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
+        async for index, text, finish in job.events():
+            if text or finish:
+                yield sse({**head, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]})
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": job.usage()})
+
+    async def _chat_chunks(self, job: Job, include_usage: bool) -> AsyncIterator[str]:
+        head: dict[str, Any] = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model}
+        if include_usage:
+            head["usage"] = None
+        for i in range(job.n):
+            delta = {"role": "assistant", "content": ""}
+            yield sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
+        async for index, text, finish in job.events():
+            if text or finish:
+                delta = {"content": text} if text else {}
+                yield sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": job.usage()})
+
+
+def streaming_response(chunks: AsyncIterator[str]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except EngineError as e:
+            yield sse(error_body(500, f"generation failed: {e}"))
+        yield sse_done()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def finish_unless_disconnected(job: Job, raw: Request) -> bool:
+    """Run the job to the end; if the client goes away first, abort it and return False."""
+
+    async def consume() -> None:
+        async for _ in job.events():
+            pass
+
+    async def disconnected() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.create_task(consume()), asyncio.create_task(disconnected())
+    done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    watch.cancel()
+    if work in done:
+        try:
+            work.result()
+        except EngineError as e:
+            raise APIError(500, f"generation failed: {e}") from e
+        return True
+    work.cancel()
+    return False

@@ -1,0 +1,66 @@
+"""Settings: every flag of `python -m server` is also an environment variable (POLYGLOT_<FLAG>).
+
+Read in exactly one place (`parse_settings`); the rest of the code gets the frozen result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+ENV_PREFIX = "POLYGLOT_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None
+    served_model_name: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8000
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_batch_size: int = 64
+    max_batch_tokens: int = 131072
+    max_waiting: int = 256
+    log_level: str = "info"
+
+
+HELP = {
+    "model": "local Hugging Face model directory, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)",
+    "served_model_name": "model id that clients use and /v1/models lists (default: derived from --model)",
+    "host": "address to listen on",
+    "port": "port to listen on",
+    "dtype": "weights and activations dtype: auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16, float16",
+    "device": "auto, cpu, cuda or cuda:N",
+    "max_model_len": "maximum context (prompt + completion) in tokens (default: the model's)",
+    "max_batch_size": "maximum rows in the running batch (a request with n choices takes n rows)",
+    "max_batch_tokens": "KV-cache budget in tokens: rows x longest reserved row (prompt + max_tokens) must fit",
+    "max_waiting": "maximum queued requests; past it new requests get 503",
+    "log_level": "debug, info, warning or error",
+}
+CHOICES = {
+    "dtype": ["auto", "float32", "bfloat16", "float16"],
+    "log_level": ["debug", "info", "warning", "error"],
+}
+
+
+def _type(default: object):
+    return int if isinstance(default, int) and not isinstance(default, bool) else str
+
+
+def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Flags win over environment variables, which win over the defaults."""
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(prog="python -m server", description="OpenAI-compatible LLM server")
+    for f in fields(Settings):
+        name = f.name.replace("_", "-")
+        var = ENV_PREFIX + f.name.upper()
+        kind = int if f.name in ("port", "max_model_len") else _type(f.default)
+        default = kind(env[var]) if var in env else f.default
+        parser.add_argument(
+            f"--{name}", type=kind, default=default, choices=CHOICES.get(f.name), help=f"{HELP[f.name]} [env {var}]"
+        )
+    return Settings(**vars(parser.parse_args(argv)))

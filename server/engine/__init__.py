@@ -1,0 +1,1 @@
+"""The engine: scheduling, batching, decoding. Knows nothing of HTTP."""

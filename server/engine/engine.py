@@ -1,0 +1,240 @@
+"""The engine: one thread owns the model and runs schedule -> forward -> update, step after step.
+
+The asyncio side talks to it through `generate()` (returns a RequestStream to iterate) and `abort()`;
+results cross back with `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from .batch import Batch
+from .detokenizer import IncrementalDetokenizer
+from .params import InvalidRequest, QueueFullError, SamplingParams
+from .request import Request, RequestOutput, Sequence, SeqOutput
+from .runner import ModelRunner
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineConfig", "EngineError", "QueueFullError", "RequestStream"]
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int
+    max_batch_size: int = 64
+    max_batch_tokens: int = 131072
+    max_waiting: int = 256
+
+
+class RequestStream:
+    """What `Engine.generate` returns: iterate it for RequestOutputs; leaving early aborts the request."""
+
+    def __init__(self, engine: Engine, request_id: str) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                out = await self.queue.get()
+                if out.error is not None:
+                    finished = True
+                    raise EngineError(out.error)
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.engine.abort(self.request_id)
+
+
+class Engine:
+    def __init__(self, model: Any, tokenizer: Any, device: Any, config: EngineConfig) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.runner = ModelRunner(model, device)
+        self.scheduler = Scheduler(config.max_batch_size, config.max_batch_tokens)
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.batch: Batch | None = None
+        self._cv = threading.Condition()
+        self._inbox: list[Request] = []
+        self._aborts: set[str] = set()
+        self._requests: dict[str, Request] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+
+    # -- the asyncio side ---------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._inbox)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
+        """Queue a request; raises InvalidRequest or QueueFullError at once rather than later."""
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(self, request_id)
+        request = Request(request_id, list(prompt_ids), params, lambda out: loop.call_soon_threadsafe(stream.queue.put_nowait, out))
+        self._check(request)
+        with self._cv:
+            if self.num_waiting >= self.config.max_waiting:
+                raise QueueFullError(f"the server is at capacity ({self.config.max_waiting} requests waiting); retry later")
+            self._inbox.append(request)
+            self._cv.notify()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        with self._cv:
+            self._aborts.add(request_id)
+            self._cv.notify()
+
+    def _check(self, request: Request) -> None:
+        total = request.reserved_len
+        if total > self.config.max_model_len:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.config.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({len(request.prompt_ids)} in the prompt, {request.params.max_tokens} for the "
+                f"completion). Please reduce the prompt or max_tokens.",
+                "max_tokens",
+            )
+        if not self.scheduler.fits_alone(request):
+            raise InvalidRequest(
+                f"the request needs {request.num_rows} row(s) of {total} tokens, more than this server's batch "
+                f"limits (max_batch_size={self.config.max_batch_size}, max_batch_tokens={self.config.max_batch_tokens})",
+                "n" if request.num_rows > 1 else "max_tokens",
+            )
+
+    # -- the engine thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._stopping or self._inbox or self._aborts or self.scheduler.has_work())
+                if self._stopping:
+                    return
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, set()
+            for r in inbox:
+                self._requests[r.request_id] = r
+                self.scheduler.add(r)
+            for rid in aborts:
+                self._drop(rid)
+            if self.scheduler.has_work():
+                try:
+                    self.step()
+                except Exception as e:  # fail what was running, keep serving
+                    log.exception("engine step failed")
+                    self._fail_running(f"{type(e).__name__}: {e}")
+
+    def step(self) -> None:
+        """One engine step: admit and prefill new requests, or decode one token for every row."""
+        admitted = self.scheduler.schedule()
+        if admitted:
+            for r in admitted:
+                r.sequences = [self._new_sequence(r, i) for i in range(r.params.n)]
+            batch, logits = self.runner.prefill(admitted)
+            tokens = self.runner.sample(batch, logits)
+            self._update(batch, tokens)
+            if self.batch is None:
+                self.batch = batch
+            else:
+                self.batch.extend(batch)
+        elif self.batch is not None:
+            logits = self.runner.decode(self.batch)
+            self._update(self.batch, self.runner.sample(self.batch, logits))
+        self._evict_finished()
+
+    def _new_sequence(self, request: Request, index: int) -> Sequence:
+        seq = Sequence(request, index, IncrementalDetokenizer(self.tokenizer, request.prompt_ids))
+        if request.params.seed is not None:
+            seq.generator = self.runner.new_generator(request.params.seed + index)
+        return seq
+
+    def _update(self, batch: Batch, tokens: list[int]) -> None:
+        """Append each row's new token, detokenize, check stops; report per request."""
+        outputs: dict[Request, list[SeqOutput]] = {}
+        for seq, token in zip(batch.seqs, tokens, strict=True):
+            outputs.setdefault(seq.request, []).append(self._append(seq, token))
+        for request, outs in outputs.items():
+            request.emit(RequestOutput(request.request_id, outs, len(request.prompt_ids), request.finished))
+
+    def _append(self, seq: Sequence, token: int) -> SeqOutput:
+        seq.token_ids.append(token)
+        params = seq.request.params
+        finish = None
+        if token in self.eos_ids:
+            finish, delta = "stop", ""
+        else:
+            delta = seq.detok.add(token)
+        text, hit = seq.stopper.feed(delta)
+        if hit:
+            finish = "stop"
+        elif finish is None and (len(seq.token_ids) >= params.max_tokens or seq.num_tokens >= self.config.max_model_len):
+            finish = "length"
+        if finish is not None and not hit:
+            tail, hit = seq.stopper.feed(seq.detok.flush())
+            text += tail if hit else tail + seq.stopper.flush()
+            finish = "stop" if hit else finish
+        seq.finish_reason = finish
+        return SeqOutput(seq.index, text, [token], finish)
+
+    def _evict_finished(self) -> None:
+        for r in [r for r in self.scheduler.running if r.finished]:
+            self.scheduler.remove(r)
+            self._requests.pop(r.request_id, None)
+        if self.batch is not None:
+            keep = [i for i, s in enumerate(self.batch.seqs) if not s.finished]
+            if not keep:
+                self.batch = None
+            elif len(keep) < len(self.batch):
+                self.batch.select(keep)
+
+    def _drop(self, request_id: str) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.sequences:
+            seq.finish_reason = seq.finish_reason or "abort"
+        self.scheduler.remove(request)
+        self._evict_finished()
+
+    def _fail_running(self, message: str) -> None:
+        for r in list(self.scheduler.running):
+            r.emit(RequestOutput(r.request_id, [], len(r.prompt_ids), True, error=message))
+            self.scheduler.remove(r)
+            self._requests.pop(r.request_id, None)
+        self.batch = None
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids.update(value if isinstance(value, list) else [value])
+    return ids

@@ -1,0 +1,82 @@
+"""A request and its rows (one Sequence per choice), plus what the engine reports per step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .detokenizer import IncrementalDetokenizer, StopChecker
+from .params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class SeqOutput:
+    """What one choice produced in one step: new text, new token ids, and whether it ended."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    outputs: list[SeqOutput]
+    prompt_tokens: int
+    finished: bool
+    error: str | None = None  # set when the engine failed this request
+
+
+class Sequence:
+    """One batch row: the tokens and text of one choice of a request."""
+
+    def __init__(self, request: Request, index: int, detok: IncrementalDetokenizer) -> None:
+        self.request = request
+        self.index = index
+        self.token_ids: list[int] = []
+        self.detok = detok
+        self.stopper = StopChecker(request.params.stop)
+        self.finish_reason: str | None = None
+        self.generator: Any = None  # a torch.Generator for seeded sampling, set by the engine
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_ids) + len(self.token_ids)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[RequestOutput], None]  # called on the engine thread
+    arrival: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    sequences: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_rows(self) -> int:
+        return self.params.n
+
+    @property
+    def reserved_len(self) -> int:
+        """The longest this request's rows can grow: prompt plus every token it may generate."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.sequences) and all(s.finished for s in self.sequences)

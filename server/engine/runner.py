@@ -1,0 +1,81 @@
+"""The model runner: the forward passes and everything on the device. No scheduling, no text."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from .batch import Batch
+from .request import Request
+from .sampling import sample
+
+
+class ModelRunner:
+    def __init__(self, model: Any, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        accepted = inspect.signature(model.forward).parameters
+        # BLOOM uses ALiBi and takes no position ids; pass only what the model accepts.
+        self.takes_positions = "position_ids" in accepted
+        self.takes_logits_to_keep = "logits_to_keep" in accepted
+
+    def _forward(self, input_ids, attention_mask, positions, cache) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "past_key_values": cache, "use_cache": True}
+        if self.takes_positions:
+            kwargs["position_ids"] = positions
+        if self.takes_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=input_ids, **kwargs)
+        return out.logits[:, -1, :].float()
+
+    @torch.inference_mode()
+    def prefill(self, requests: list[Request]) -> tuple[Batch, torch.Tensor]:
+        """Run the prompts (left-padded, one row per request); return their batch and last logits."""
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.zeros((len(requests), width), dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, r in enumerate(requests):
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache)
+        lengths = mask.sum(dim=1)
+        batch = Batch([r.sequences[0] for r in requests], cache, mask, lengths, torch.zeros_like(lengths))
+        rows = [i for i, r in enumerate(requests) for _ in r.sequences]
+        if len(rows) > len(requests):  # n > 1: every choice starts from its request's prefilled cache row
+            batch.select(rows)
+            logits = logits[rows]
+        batch.seqs = [s for r in requests for s in r.sequences]
+        return batch, logits
+
+    @torch.inference_mode()
+    def decode(self, batch: Batch) -> torch.Tensor:
+        """Feed every row its next token; return the logits for the token after."""
+        ones = batch.attention_mask.new_ones((len(batch), 1))
+        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
+        logits = self._forward(
+            batch.next_tokens.unsqueeze(1), batch.attention_mask, batch.positions.unsqueeze(1), batch.cache
+        )
+        batch.positions = batch.positions + 1
+        return logits
+
+    @torch.inference_mode()
+    def sample(self, batch: Batch, logits: torch.Tensor) -> list[int]:
+        params = [s.request.params for s in batch.seqs]
+        tokens = sample(
+            logits,
+            torch.tensor([p.temperature for p in params], device=self.device),
+            torch.tensor([p.top_p for p in params], device=self.device),
+            torch.tensor([p.top_k for p in params], device=self.device),
+            [s.generator for s in batch.seqs],
+        )
+        batch.next_tokens = tokens
+        return tokens.tolist()
+
+    def new_generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)

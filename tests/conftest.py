@@ -1,0 +1,181 @@
+"""Shared fixtures: tiny models built here (random weights, the default model's real tokenizer),
+real servers on real ports, and a validator for OpenAI's published schemas."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT.parent / "shared" / "spec" / "openai-openapi.json"
+if not SPEC.exists():
+    SPEC = ROOT / "shared" / "spec" / "openai-openapi.json"
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded default model (SmolLM2-135M-Instruct), converted from its GGUF once and cached."""
+    from server.engine.loader import default_gguf, gguf_to_hf_dir
+
+    return gguf_to_hf_dir(default_gguf())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def _save_tiny(config, tokenizer, path: Path, chat_template: bool) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if not chat_template:
+        for f in ("chat_template.jinja", "chat_template.json"):
+            (path / f).unlink(missing_ok=True)
+        cfg = json.loads((path / "tokenizer_config.json").read_text())
+        cfg.pop("chat_template", None)
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer Llama (rotary positions, grouped KV heads) with the default model's tokenizer and chat template."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return _save_tiny(config, tokenizer, tmp_path_factory.mktemp("tiny-llama"), chat_template=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer GPT-2 (learned absolute positions) with no chat template."""
+    from transformers import GPT2Config
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return _save_tiny(config, tokenizer, tmp_path_factory.mktemp("tiny-gpt2"), chat_template=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(tempfile.mkstemp(prefix="server-", suffix=".log")[1])
+        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("server did not become healthy in 180 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def start_server() -> Iterator[Callable[..., ServerProcess]]:
+    servers: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        servers.append(ServerProcess(*args))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(start_server, tiny_llama_dir) -> ServerProcess:
+    return start_server("--model", str(tiny_llama_dir), "--served-model-name", "tiny")
+
+
+@pytest.fixture(scope="session")
+def default_server(start_server) -> ServerProcess:
+    return start_server()
+
+
+def _nullable_to_anyof(node):
+    """The spec mixes OpenAPI 3.0 `nullable: true` into 3.1 schemas; JSON Schema needs it as a union with null."""
+    if isinstance(node, list):
+        return [_nullable_to_anyof(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _nullable_to_anyof(v) for k, v in node.items()}
+    if node.pop("nullable", False):
+        return {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
+@pytest.fixture(scope="session")
+def validate() -> Callable[[str, dict], None]:
+    """validate(schema_name, body): raises if body does not match OpenAI's schema of that name."""
+    if not SPEC.exists():
+        pytest.skip(f"OpenAI spec not found at {SPEC}")
+    components = _nullable_to_anyof(json.loads(SPEC.read_text())["components"])
+
+    def check(name: str, body: dict) -> None:
+        schema = {"$ref": f"#/components/schemas/{name}", "components": components}
+        jsonschema.Draft202012Validator(schema).validate(body)
+
+    return check
+
+
+def sse_events(lines: Iterator[str]) -> list:
+    """Parse an SSE body strictly: `data: ...` lines separated by blank lines, ending with [DONE]."""
+    events, done = [], False
+    for line in lines:
+        if not line:
+            continue
+        assert line.startswith("data: "), f"not an SSE data line: {line!r}"
+        assert not done, "data after [DONE]"
+        payload = line[len("data: "):]
+        if payload == "[DONE]":
+            done = True
+        else:
+            events.append(json.loads(payload))
+    assert done, "stream did not end with data: [DONE]"
+    return events

@@ -1,0 +1,59 @@
+"""Sampling functions on hand-made logits."""
+
+import torch
+
+from server.engine.sampling import sample, top_k_top_p_filter
+
+
+def params(rows, temperature=1.0, top_p=1.0, top_k=0):
+    return (torch.full((rows,), temperature), torch.full((rows,), top_p), torch.full((rows,), top_k, dtype=torch.long))
+
+
+def test_greedy_rows_take_argmax_next_to_sampled_rows():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 0.0, 0.0]])
+    t, p, k = params(2)
+    t[0] = 0.0
+    gens = [None, torch.Generator().manual_seed(0)]
+    assert sample(logits, t, p, k, gens)[0] == 1
+
+
+def test_top_k_and_top_p_cut():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = top_k_top_p_filter(logits, torch.tensor([2]), torch.tensor([1.0]))
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False]]
+    kept = top_k_top_p_filter(logits, torch.tensor([0]), torch.tensor([0.7]))
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False]]
+    kept = top_k_top_p_filter(logits, torch.tensor([0]), torch.tensor([0.1]))
+    assert torch.isfinite(kept).tolist() == [[True, False, False, False]]  # the best token always survives
+
+
+def test_sampled_tokens_stay_inside_top_k():
+    logits = torch.randn(64, 100)
+    t, p, k = params(64, top_k=3)
+    tokens = sample(logits, t, p, k, [None] * 64)
+    top3 = logits.topk(3).indices
+    assert all(tok in row for tok, row in zip(tokens.tolist(), top3.tolist()))
+
+
+def test_seeded_rows_reproduce_whatever_the_batch():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 50)
+    t, p, k = params(4)
+
+    def draw(rows):
+        gens = [torch.Generator().manual_seed(7) if i == 2 else None for i in range(len(rows))]
+        return sample(logits[rows], t[: len(rows)], p[: len(rows)], k[: len(rows)], gens)[2].item()
+
+    alone = [draw([0, 1, 2]) for _ in range(3)]
+    batched = draw([1, 3, 2, 0])
+    assert len(set(alone)) == 1 and batched == alone[0]
+
+
+def test_distribution_follows_temperature():
+    logits = torch.tensor([[2.0, 0.0]]).repeat(4000, 1)
+    t, p, k = params(4000, temperature=1.0)
+    frac = (sample(logits, t, p, k, [None] * 4000) == 0).float().mean().item()
+    assert abs(frac - torch.softmax(torch.tensor([2.0, 0.0]), 0)[0].item()) < 0.04
+    t, _, _ = params(4000, temperature=0.25)
+    frac_cold = (sample(logits, t, p, k, [None] * 4000) == 0).float().mean().item()
+    assert frac_cold > 0.99
