@@ -11,13 +11,15 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,32 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_cached(repo_id: str) -> bool:
+    try:
+        AutoConfig.from_pretrained(repo_id, local_files_only=True)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Fail fast offline instead of waiting through the hub client's retries (~50 s)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy knows
+    url = urlparse(hub_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load(model: str | None, device: str = "auto", dtype: str = "auto") -> Loaded:
     dev = resolve_device(device)
     if model is None:
@@ -109,6 +137,11 @@ def load(model: str | None, device: str = "auto", dtype: str = "auto") -> Loaded
         raise ModelLoadError(f"--model {model!r} is neither a model directory nor a .gguf file")
     else:
         source, name = model, model  # a hub id
+    if isinstance(source, str) and not hub_cached(source) and not hub_reachable():
+        raise ModelLoadError(
+            f"could not load model {model!r}: it is not a local path, it is not in the Hugging Face cache, and "
+            f"the hub ({hub_endpoint()}) cannot be reached. Download it elsewhere and pass its directory."
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         net = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, dev))

@@ -1,0 +1,121 @@
+"""The engine on tiny real models: batching must not change greedy output, rows join and leave."""
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from server.engine.engine import Engine, EngineConfig
+from server.engine.params import SamplingParams
+
+PROMPTS = [
+    "Hello",
+    "The capital of France is a city called",
+    "1 2 3",
+    "Once upon a time, in a land far away, there lived a",
+    "北京是",
+    "def main():",
+    "A",
+    "The quick brown fox jumps over the lazy dog and then",
+]
+
+
+@pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_gpt2_dir"])
+def model_and_engine(request, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(request.param), dtype=torch.float32).eval()
+    engine = Engine(model, tokenizer, torch.device("cpu"), EngineConfig(max_model_len=256, max_batch_size=16))
+    engine.start()
+    yield model, engine
+    engine.stop()
+
+
+async def collect(engine, ids, params, rid):
+    texts, tokens, finish = {}, {}, {}
+    async for out in engine.generate(ids, params, rid):
+        for o in out.outputs:
+            texts[o.index] = texts.get(o.index, "") + o.text
+            tokens.setdefault(o.index, []).extend(o.token_ids)
+            finish[o.index] = o.finish_reason
+    return texts, tokens, finish
+
+
+def hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_greedy_alone_batched_and_joining_match_hf(model_and_engine, tokenizer):
+    model, engine = model_and_engine
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+
+    async def scenario():
+        alone = [await collect(engine, x, greedy, f"alone{i}") for i, x in enumerate(ids)]
+        batched = await asyncio.gather(*[collect(engine, x, greedy, f"batch{i}") for i, x in enumerate(ids)])
+
+        async def late(i, x):  # join a running batch at different steps
+            await asyncio.sleep(0.01 * i)
+            return await collect(engine, x, greedy, f"late{i}")
+
+        joined = await asyncio.gather(*[late(i, x) for i, x in enumerate(ids)])
+        return alone, batched, joined
+
+    alone, batched, joined = asyncio.run(scenario())
+    for i, x in enumerate(ids):
+        reference = hf_greedy(model, x, 12)
+        assert alone[i][1][0] == reference, PROMPTS[i]
+        assert batched[i][1][0] == reference, PROMPTS[i]
+        assert joined[i][1][0] == reference, PROMPTS[i]
+        assert alone[i][2][0] == "length"
+    assert engine.batch is None and not engine.scheduler.running  # every row left, the cache is gone
+
+
+def test_n_choices_seeded_reproducible(model_and_engine, tokenizer):
+    _, engine = model_and_engine
+    ids = tokenizer("Tell me a story")["input_ids"]
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=1234, n=3)
+
+    async def twice():
+        first = await collect(engine, ids, params, "s1")
+        # the second run shares the batch with other requests
+        others = [collect(engine, tokenizer(p)["input_ids"], SamplingParams(max_tokens=8), f"o{i}") for i, p in enumerate(PROMPTS[:4])]
+        second, *_ = await asyncio.gather(collect(engine, ids, params, "s2"), *others)
+        return first, second
+
+    first, second = asyncio.run(twice())
+    assert sorted(first[1]) == [0, 1, 2]
+    assert first[1] == second[1]
+    assert len({tuple(t) for t in first[1].values()}) > 1  # the choices are drawn independently
+
+
+def test_abort_frees_rows(model_and_engine, tokenizer):
+    _, engine = model_and_engine
+    ids = tokenizer("Count forever")["input_ids"]
+
+    async def scenario():
+        stream = engine.generate(ids, SamplingParams(max_tokens=200, temperature=0.0, n=2), "abort-me")
+        got = 0
+        async for _ in stream:
+            got += 1
+            if got == 3:
+                break  # leaving the loop aborts the request
+        for _ in range(100):
+            if engine.batch is None and not engine.scheduler.running:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    assert asyncio.run(scenario())
+
+
+def test_stop_string_and_eos(model_and_engine, tokenizer):
+    _, engine = model_and_engine
+    ids = tokenizer("Once upon a time")["input_ids"]
+    full = asyncio.run(collect(engine, ids, SamplingParams(max_tokens=16, temperature=0.0), "full"))[0][0]
+    stop = full[len(full) // 3 : len(full) // 3 + 3]
+    assert stop.strip(), f"no usable stop string in {full!r}"
+    texts, tokens, finish = asyncio.run(collect(engine, ids, SamplingParams(max_tokens=16, temperature=0.0, stop=(stop,)), "stop"))
+    assert texts[0] == full[: full.index(stop)]
+    assert finish[0] == "stop"

@@ -1,0 +1,133 @@
+"""Bad input gets OpenAI-shaped 4xx errors over a real port, and never disturbs other requests."""
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+GOOD_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+GOOD_COMPLETION = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
+
+BAD = [
+    ("/v1/completions", {**GOOD_COMPLETION, "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {**GOOD_COMPLETION, "temperature": 2.5}, 400, "temperature"),
+    ("/v1/completions", {**GOOD_COMPLETION, "temperature": -0.1}, 400, "temperature"),
+    ("/v1/completions", {**GOOD_COMPLETION, "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {**GOOD_COMPLETION, "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {**GOOD_COMPLETION, "n": 0}, 400, "n"),
+    ("/v1/completions", {**GOOD_COMPLETION, "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {**GOOD_COMPLETION, "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {**GOOD_COMPLETION, "prompt": [10**9]}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny"}, 400, "prompt"),
+    ("/v1/completions", {**GOOD_COMPLETION, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/completions", {**GOOD_COMPLETION, "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {**GOOD_COMPLETION, "model": "gpt-4"}, 404, "model"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "stream": False, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "model": "nope"}, 404, "model"),
+]
+
+
+def check_error(r, status, validate, param=None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    validate("ErrorResponse", body)
+    assert body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD)
+def test_bad_values(tiny_server, validate, path, body, status, param):
+    check_error(httpx.post(tiny_server.url + path, json=body, timeout=30), status, validate, param)
+
+
+def test_malformed_json_and_unknown_route(tiny_server, validate):
+    r = httpx.post(tiny_server.url + "/v1/completions", content=b'{"prompt": "hi",', headers={"content-type": "application/json"})
+    assert "JSON" in check_error(r, 400, validate)["message"]
+    r = httpx.post(tiny_server.url + "/v1/completions", content=b"[1, 2]", headers={"content-type": "application/json"})
+    check_error(r, 400, validate)
+    check_error(httpx.get(tiny_server.url + "/v1/nothing-here"), 404, validate)
+
+
+def test_context_overflow_names_both_numbers(tiny_server, validate):
+    # the tiny model's context is 512 tokens
+    err = check_error(httpx.post(tiny_server.url + "/v1/completions", json={**GOOD_COMPLETION, "max_tokens": 600}), 400, validate)
+    assert "512" in err["message"] and "600" in err["message"]
+    long_prompt = "word " * 600
+    err = check_error(httpx.post(tiny_server.url + "/v1/chat/completions",
+                                 json={**GOOD_CHAT, "messages": [{"role": "user", "content": long_prompt}], "max_tokens": None}),
+                      400, validate)
+    assert "512" in err["message"]
+
+
+def test_chat_without_template_is_400(start_server, tiny_gpt2_dir, validate):
+    server = start_server("--model", str(tiny_gpt2_dir), "--served-model-name", "gpt2ish")
+    r = httpx.post(server.url + "/v1/chat/completions", json={**GOOD_CHAT, "model": "gpt2ish"}, timeout=30)
+    assert "chat template" in check_error(r, 400, validate, "messages")["message"]
+    ok = httpx.post(server.url + "/v1/completions", json={**GOOD_COMPLETION, "model": "gpt2ish"}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_bad_requests_do_not_disturb_the_batch(tiny_server, validate):
+    good = {"model": "tiny", "prompt": "Steady as she goes", "max_tokens": 30, "temperature": 0}
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=tiny_server.url, timeout=60) as c:
+            alone = (await c.post("/v1/completions", json=good)).json()["choices"][0]["text"]
+            goods = [c.post("/v1/completions", json=good) for _ in range(4)]
+            bads = [c.post(path, json=body) for path, body, _, _ in BAD] * 2
+            results = await asyncio.gather(*goods, *bads)
+            return alone, results[:4], results[4:]
+
+    alone, goods, bads = asyncio.run(scenario())
+    assert all(r.status_code == 200 and r.json()["choices"][0]["text"] == alone for r in goods)
+    assert all(400 <= r.status_code < 500 for r in bads)
+
+
+def running(server):
+    return httpx.get(server.url + "/health").json()["running"]
+
+
+def wait_idle(server, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if running(server) == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_disconnect_cancels_stream_and_plain_request(tiny_server):
+    body = {"model": "tiny", "prompt": "Go on and on", "max_tokens": 400, "temperature": 0}
+    with httpx.stream("POST", tiny_server.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert running(tiny_server) == 1
+    assert wait_idle(tiny_server), "streamed request still running after the client left"
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(tiny_server.url + "/v1/completions", json=body, timeout=0.5)
+    assert wait_idle(tiny_server), "request still running after the client left"
+
+
+def test_queue_full_is_503(start_server, tiny_llama_dir, validate):
+    server = start_server("--model", str(tiny_llama_dir), "--served-model-name", "tiny",
+                          "--max-batch-size", "1", "--max-waiting", "1")
+    body = {"model": "tiny", "prompt": "Long", "max_tokens": 300, "temperature": 0}
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+            return await asyncio.gather(*[c.post("/v1/completions", json=body) for _ in range(5)])
+
+    results = asyncio.run(scenario())
+    codes = sorted(r.status_code for r in results)
+    assert codes.count(200) >= 2 and 503 in codes, codes
+    for r in results:
+        if r.status_code == 503:
+            assert check_error(r, 503, validate)["code"] == "queue_full"
+            assert r.headers.get("retry-after")

@@ -1,0 +1,44 @@
+"""Settings come from flags or POLYGLOT_* variables; start-up failures say what to do."""
+
+import os
+import subprocess
+import sys
+
+import httpx
+
+from server.config import parse_settings
+from tests.conftest import ROOT
+
+
+def test_flags_override_environment_override_defaults():
+    assert parse_settings([], env={}).port == 8000
+    env = {"POLYGLOT_PORT": "9001", "POLYGLOT_MODEL": "/models/x", "POLYGLOT_MAX_BATCH_SIZE": "8"}
+    s = parse_settings([], env=env)
+    assert (s.port, s.model, s.max_batch_size) == (9001, "/models/x", 8)
+    assert parse_settings(["--port", "9002"], env=env).port == 9002
+
+
+def run_server(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "server", "--port", "1", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_unreachable_hub_id_fails_fast_naming_it():
+    r = run_server("--model", "DAMO-NLP-MT/polylm-13b", env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode != 0
+    assert "DAMO-NLP-MT/polylm-13b" in r.stderr and "cannot be reached" in r.stderr
+
+
+def test_missing_path_fails():
+    r = run_server("--model", "/no/such/model.gguf")
+    assert r.returncode != 0 and "GGUF file not found" in r.stderr
+    r = run_server("--model", "./no-such-dir")
+    assert r.returncode != 0 and "neither a model directory" in r.stderr
+
+
+def test_environment_configures_the_server(start_server, tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("POLYGLOT_SERVED_MODEL_NAME", "from-env")
+    monkeypatch.setenv("POLYGLOT_MAX_MODEL_LEN", "128")
+    server = start_server("--model", str(tiny_llama_dir))
+    card = httpx.get(server.url + "/v1/models").json()["data"][0]
+    assert card["id"] == "from-env" and card["max_model_len"] == 128
