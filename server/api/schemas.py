@@ -40,7 +40,7 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = None
     n: Annotated[int, Field(ge=1, le=128)] = 1
     presence_penalty: float | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None

@@ -18,6 +18,8 @@ from .errors import APIError, error_body
 from .schemas import ChatCompletionRequest, CompletionRequest, _Request
 from .streaming import sse, sse_done
 
+SAMPLING_EPS = 1e-5  # temperatures below this decode greedily
+
 
 @dataclass
 class Choice:
@@ -92,11 +94,12 @@ class OpenAIServing:
                     f"This model's maximum context length is {self.max_model_len} tokens, and the prompt has {prompt_len}: no room for a completion.",
                     "messages",
                 )
+        temperature = 1.0 if req.temperature is None else req.temperature
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
+            temperature=0.0 if temperature < SAMPLING_EPS else temperature,  # 1e-30 would overflow the logits
             top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=max(req.top_k or 0, 0),
+            top_k=min(max(req.top_k or 0, 0), len(self.tokenizer)),
             seed=req.seed,
             n=req.n,
             stop=req.stop_list,

@@ -172,7 +172,7 @@ class Engine:
     def _new_sequence(self, request: Request, index: int) -> Sequence:
         seq = Sequence(request, index, IncrementalDetokenizer(self.tokenizer, request.prompt_ids))
         if request.params.seed is not None:
-            seq.generator = self.runner.new_generator(request.params.seed + index)
+            seq.generator = self.runner.new_generator((request.params.seed + index) % 2**64)
         return seq
 
     def _update(self, batch: Batch, tokens: list[int]) -> None:

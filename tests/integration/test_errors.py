@@ -73,6 +73,27 @@ def test_chat_without_template_is_400(start_server, tiny_gpt2_dir, validate):
     assert ok.status_code == 200
 
 
+EXTREME = [
+    {"seed": 2**64 - 1, "n": 2},
+    {"seed": -(2**63)},
+    {"top_k": 10**30},
+    {"temperature": 1e-30},
+    {"stop": ["", "x" * 500]},
+]
+
+
+@pytest.mark.parametrize("extra", EXTREME)
+def test_extreme_but_valid_values_run(tiny_server, extra):
+    r = httpx.post(tiny_server.url + "/v1/completions", json={**GOOD_COMPLETION, **extra}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert httpx.get(tiny_server.url + "/health").json()["status"] == "ok"
+
+
+def test_out_of_range_seed_is_400(tiny_server, validate):
+    r = httpx.post(tiny_server.url + "/v1/completions", json={**GOOD_COMPLETION, "seed": 2**64}, timeout=30)
+    check_error(r, 400, validate, "seed")
+
+
 def test_bad_requests_do_not_disturb_the_batch(tiny_server, validate):
     good = {"model": "tiny", "prompt": "Steady as she goes", "max_tokens": 30, "temperature": 0}
 
