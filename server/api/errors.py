@@ -34,8 +34,6 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    if err.get("type") == "json_invalid":
-        return f"The request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
     if not loc:
         return f"Invalid request body: {err.get('msg')}", None
     param = loc[0]

@@ -2,33 +2,57 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
+
+import json
+from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 
 from .errors import APIError, error_response
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .serving import OpenAIServing
 
 router = APIRouter()
+M = TypeVar("M", bound=BaseModel)
 
 
 def serving(request: Request) -> OpenAIServing:
     return request.app.state.serving
 
 
+def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
+    """Parse the body as JSON whatever its Content-Type says (curl -d sends a form type), then validate it."""
+
+    async def parse(raw: Request) -> M:
+        try:
+            data = json.loads(await raw.body())
+        except ValueError as e:
+            raise APIError(400, f"The request body is not valid JSON: {e}") from e
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from e
+
+    return parse
+
+
 Serving = Annotated[OpenAIServing, Depends(serving)]
+Completion = Annotated[CompletionRequest, Depends(json_body(CompletionRequest))]
+Chat = Annotated[ChatCompletionRequest, Depends(json_body(ChatCompletionRequest))]
 
 
 @router.post("/v1/completions")
-async def create_completion(body: CompletionRequest, raw: Request, s: Serving) -> Response:
+async def create_completion(body: Completion, raw: Request, s: Serving) -> Response:
     """Create a text completion."""
     return await s.completions(body, raw)
 
 
 @router.post("/v1/chat/completions")
-async def create_chat_completion(body: ChatCompletionRequest, raw: Request, s: Serving) -> Response:
+async def create_chat_completion(body: Chat, raw: Request, s: Serving) -> Response:
     """Create a chat completion."""
     return await s.chat(body, raw)
 

@@ -24,7 +24,12 @@ UNSUPPORTED_COMMON = {
     "logit_bias": (None, {}),
 }
 UNSUPPORTED_COMPLETION = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1)}
-UNSUPPORTED_CHAT = {"top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none", "auto")}
+UNSUPPORTED_CHAT = {
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+}
 
 
 class StreamOptions(BaseModel):
@@ -99,6 +104,15 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        for part in v if isinstance(v, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"content parts of type {kind!r} are not supported; only 'text' parts are")
+        return v
 
     @property
     def text(self) -> str:

@@ -28,6 +28,8 @@ BAD = [
     ("/v1/chat/completions", {**GOOD_CHAT, "stream": False, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("/v1/chat/completions", {**GOOD_CHAT, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {**GOOD_CHAT, "model": "nope"}, 404, "model"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
 ]
 
 
@@ -52,6 +54,13 @@ def test_malformed_json_and_unknown_route(tiny_server, validate):
     r = httpx.post(tiny_server.url + "/v1/completions", content=b"[1, 2]", headers={"content-type": "application/json"})
     check_error(r, 400, validate)
     check_error(httpx.get(tiny_server.url + "/v1/nothing-here"), 404, validate)
+
+
+def test_body_is_json_whatever_the_content_type(tiny_server):
+    # curl -d sends application/x-www-form-urlencoded; the body is still JSON
+    r = httpx.post(tiny_server.url + "/v1/completions", content=b'{"prompt": "hi", "max_tokens": 2}',
+                   headers={"content-type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
 def test_context_overflow_names_both_numbers(tiny_server, validate):

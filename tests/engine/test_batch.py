@@ -1,0 +1,72 @@
+"""Batch join (extend) and leave/duplicate (select) on a tiny real model: every row's next-token logits
+must match the row run alone, whatever padding the join put in front of it."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from server.engine.params import SamplingParams
+from server.engine.request import Request, Sequence
+from server.engine.runner import ModelRunner
+
+
+@pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_gpt2_dir"])
+def runner(request):
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(request.param), dtype=torch.float32).eval()
+    return ModelRunner(model, torch.device("cpu"))
+
+
+def make(ids, n=1):
+    r = Request(str(ids), ids, SamplingParams(max_tokens=8, temperature=0.0, n=n), emit=lambda out: None)
+    r.sequences = [Sequence(r, i, detok=None) for i in range(n)]
+    return r
+
+
+def step(runner, batch, steps=3):
+    """Greedy-decode a few steps; return the logits of the last one."""
+    logits = None
+    for _ in range(steps):
+        logits = runner.decode(batch)
+        batch.next_tokens = logits.argmax(-1)
+    return logits
+
+
+def alone(runner, ids, first_token, steps=3):
+    batch, _ = runner.prefill([make(ids)])
+    batch.next_tokens = torch.tensor([first_token])
+    return step(runner, batch, steps)[0]
+
+
+def test_join_pads_left_and_keeps_each_row_exact(runner):
+    short, long, mid = [5, 6], [7, 8, 9, 10, 11, 12, 13], [14, 15, 16, 17]
+    a, logits_a = runner.prefill([make(long)])
+    a.next_tokens = logits_a.argmax(-1)
+    step(runner, a, 2)  # the running batch is 2 steps ahead
+    b, logits_b = runner.prefill([make(short), make(mid)])
+    b.next_tokens = logits_b.argmax(-1)
+    first_tokens = a.next_tokens.tolist() + b.next_tokens.tolist()
+    a.extend(b)
+    assert len(a) == 3 and a.width == len(long) + 2
+    assert a.attention_mask.sum(dim=1).tolist() == [len(long) + 2, len(short), len(mid)]
+    assert a.cache.layers[0].keys.shape[2] == a.width
+    joined = step(runner, a, 3)
+    # row 0 went 2 steps before the join, then 3: compare with 5 steps alone from the same first token
+    reference = [alone(runner, long, logits_a.argmax(-1).item(), 5), alone(runner, short, first_tokens[1]),
+                 alone(runner, mid, first_tokens[2])]
+    for row, ref in enumerate(reference):
+        torch.testing.assert_close(joined[row], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_leave_trims_padding_and_n_rows_share_a_prefill(runner):
+    long, short = [7, 8, 9, 10, 11, 12, 13, 14], [5, 6, 7]
+    batch, logits = runner.prefill([make(long), make(short, n=2)])
+    assert len(batch) == 3 and len(batch.seqs) == 3  # n=2 duplicated the short prompt's row
+    batch.next_tokens = logits.argmax(-1)
+    torch.testing.assert_close(logits[1], logits[2])
+    batch.select([1, 2])  # the long row leaves: its padding columns go with it
+    assert batch.width == len(short)
+    assert batch.cache.layers[0].keys.shape[2] == len(short)
+    after = step(runner, batch, 2)
+    ref = alone(runner, short, logits[1].argmax().item(), 2)
+    torch.testing.assert_close(after[0], ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(after[1], ref, atol=1e-4, rtol=1e-4)
