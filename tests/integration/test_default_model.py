@@ -13,11 +13,12 @@ def client(default_server):
     return openai.OpenAI(base_url=default_server.url + "/v1", api_key="unused", max_retries=0)
 
 
-def test_real_answer(client):
+def test_real_answer(client, validate):
     models = client.models.list()
     assert models.data[0].id == "SmolLM2-135M-Instruct"
     r = client.chat.completions.create(model=models.data[0].id, temperature=0, max_tokens=20,
                                        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    validate("CreateChatCompletionResponse", r.model_dump(exclude_unset=True))
     assert "Paris" in r.choices[0].message.content
     assert r.choices[0].finish_reason == "stop"
 
