@@ -15,14 +15,10 @@ from ..engine.params import InvalidRequest
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 TokenIds = list[Annotated[int, Field(ge=0)]]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 # field -> value that means "not used"; anything else gets a 400 naming the field
-UNSUPPORTED_COMMON = {
-    "logprobs": (None, False, 0),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
-}
+UNSUPPORTED_COMMON = {"logprobs": (None, False, 0)}
 UNSUPPORTED_COMPLETION = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1)}
 UNSUPPORTED_CHAT = {
     "top_logprobs": (None, 0),
@@ -41,10 +37,10 @@ class _Request(BaseModel):
     _unsupported: dict[str, tuple] = UNSUPPORTED_COMMON
 
     model: str | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     n: Annotated[int, Field(ge=1, le=128)] = 1
-    presence_penalty: float | None = None
+    presence_penalty: Penalty | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
@@ -52,7 +48,13 @@ class _Request(BaseModel):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     user: str | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None  # extension, as in vLLM: 0 or -1 means off
+    # extensions, named as in vLLM
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # 0 or -1: off
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
 
     @field_validator("stop")
     @classmethod

@@ -95,6 +95,8 @@ class OpenAIServing:
                     "messages",
                 )
         temperature = 1.0 if req.temperature is None else req.temperature
+        if req.min_tokens and req.min_tokens > max_tokens:
+            raise InvalidRequest(f"min_tokens ({req.min_tokens}) is larger than max_tokens ({max_tokens})", "min_tokens")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=0.0 if temperature < SAMPLING_EPS else temperature,  # 1e-30 would overflow the logits
@@ -103,21 +105,40 @@ class OpenAIServing:
             seed=req.seed,
             n=req.n,
             stop=req.stop_list,
+            min_p=req.min_p or 0.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            logit_bias=self._logit_bias(req.logit_bias or {}),
+            min_tokens=req.min_tokens or 0,
+            ignore_eos=bool(req.ignore_eos),
+            stop_token_ids=tuple(self._token_ids(req.stop_token_ids or [], "stop_token_ids")),
         )
+
+    def _token_ids(self, ids: list[int], param: str) -> list[int]:
+        vocab = len(self.tokenizer)
+        for t in ids:
+            if t >= vocab:
+                raise InvalidRequest(f"token id {t} in '{param}' is outside the vocabulary (size {vocab})", param)
+        return ids
+
+    def _logit_bias(self, bias: dict[str, float]) -> tuple[tuple[int, float], ...]:
+        try:
+            ids = [int(k) for k in bias]
+        except ValueError as e:
+            raise InvalidRequest("logit_bias keys must be token ids (integers as strings)", "logit_bias") from e
+        return tuple(zip(self._token_ids(ids, "logit_bias"), bias.values(), strict=True))
 
     def _prompts(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
             prompt = [prompt]
         if isinstance(prompt[0], int):
             prompt = [prompt]
-        vocab = len(self.tokenizer)
         out = []
         for p in prompt:
-            ids = self.tokenizer(p)["input_ids"] if isinstance(p, str) else p
+            ids = self.tokenizer(p)["input_ids"] if isinstance(p, str) else self._token_ids(p, "prompt")
             if not ids:
                 raise InvalidRequest("prompt must not be empty", "prompt")
-            if max(ids) >= vocab:
-                raise InvalidRequest(f"prompt token id {max(ids)} is outside the vocabulary (size {vocab})", "prompt")
             out.append(ids)
         return out
 

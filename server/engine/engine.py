@@ -158,7 +158,7 @@ class Engine:
             for r in admitted:
                 r.sequences = [self._new_sequence(r, i) for i in range(r.params.n)]
             batch, logits = self.runner.prefill(admitted)
-            tokens = self.runner.sample(batch, logits)
+            tokens = self.runner.sample(batch, logits, self.eos_ids)
             self._update(batch, tokens)
             if self.batch is None:
                 self.batch = batch
@@ -166,7 +166,7 @@ class Engine:
                 self.batch.extend(batch)
         elif self.batch is not None:
             logits = self.runner.decode(self.batch)
-            self._update(self.batch, self.runner.sample(self.batch, logits))
+            self._update(self.batch, self.runner.sample(self.batch, logits, self.eos_ids))
         self._evict_finished()
 
     def _new_sequence(self, request: Request, index: int) -> Sequence:
@@ -187,7 +187,7 @@ class Engine:
         seq.token_ids.append(token)
         params = seq.request.params
         finish = None
-        if token in self.eos_ids:
+        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
             finish, delta = "stop", ""
         else:
             delta = seq.detok.add(token)

@@ -14,10 +14,26 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     stop: tuple[str, ...] = ()
+    min_p: float = 0.0
+    presence_penalty: float = 0.0  # OpenAI: subtract once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtract per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # Hugging Face: divide (or multiply, if negative) logits of prompt and output tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); -100 bans, +100 forces
+    min_tokens: int = 0  # no end-of-sequence or stop token before this many tokens
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether the logits need per-request work before sampling."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+            or self.logit_bias or self.min_tokens
+        )
 
 
 class InvalidRequest(ValueError):

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from .batch import Batch
 from .request import Request
+from .processors import process_logits
 from .sampling import sample
 
 
@@ -65,14 +66,17 @@ class ModelRunner:
         return logits
 
     @torch.inference_mode()
-    def sample(self, batch: Batch, logits: torch.Tensor) -> list[int]:
+    def sample(self, batch: Batch, logits: torch.Tensor, eos_ids: set[int]) -> list[int]:
         params = [s.request.params for s in batch.seqs]
+        if any(p.shapes_logits for p in params):
+            logits = process_logits(logits, batch.seqs, eos_ids)
         tokens = sample(
             logits,
             torch.tensor([p.temperature for p in params], device=self.device),
             torch.tensor([p.top_p for p in params], device=self.device),
             torch.tensor([p.top_k for p in params], device=self.device),
             [s.generator for s in batch.seqs],
+            torch.tensor([p.min_p for p in params], device=self.device),
         )
         batch.next_tokens = tokens
         return tokens.tolist()

@@ -24,9 +24,10 @@ def sample(
     top_p: torch.Tensor,
     top_k: torch.Tensor,
     generators: list[torch.Generator | None],
+    min_p: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next token per row. Rows with temperature 0 take the argmax; the others are drawn from
-    softmax(logits / temperature) after top-k/top-p, with the row's own generator when it has one
+    softmax(logits / temperature) after top-k/top-p and min-p, with the row's own generator when it has one
     (a seeded row draws the same noise whatever else is in the batch)."""
     tokens = logits.argmax(dim=-1)
     rows = (temperature > 0).nonzero().squeeze(1)
@@ -36,6 +37,10 @@ def sample(
     if bool((top_k[rows] > 0).any()) or bool((top_p[rows] < 1).any()):
         scaled = top_k_top_p_filter(scaled, top_k[rows], top_p[rows])
     probs = scaled.softmax(dim=-1)
+    if min_p is not None and bool((min_p[rows] > 0).any()):
+        # min-p: drop tokens less likely than min_p times the most likely one
+        keep = probs >= min_p[rows].unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        probs = probs * keep
     # Exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) draws from p.
     noise = torch.empty_like(probs).exponential_()
     for i, row in enumerate(rows.tolist()):

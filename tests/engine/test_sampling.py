@@ -57,3 +57,10 @@ def test_distribution_follows_temperature():
     t, _, _ = params(4000, temperature=0.25)
     frac_cold = (sample(logits, t, p, k, [None] * 4000) == 0).float().mean().item()
     assert frac_cold > 0.99
+
+
+def test_min_p_keeps_only_likely_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    t, p, k = params(2000)
+    drawn = sample(logits, t, p, k, [None] * 2000, min_p=torch.full((2000,), 0.5))
+    assert set(drawn.tolist()) == {0, 1}  # 0.15 and 0.05 are below 0.5 x 0.5
