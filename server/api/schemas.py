@@ -18,10 +18,9 @@ TokenIds = list[Annotated[int, Field(ge=0)]]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 # field -> value that means "not used"; anything else gets a 400 naming the field
-UNSUPPORTED_COMMON = {"logprobs": (None, False, 0)}
+UNSUPPORTED_COMMON: dict[str, tuple] = {}
 UNSUPPORTED_COMPLETION = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1)}
 UNSUPPORTED_CHAT = {
-    "top_logprobs": (None, 0),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}),
@@ -83,7 +82,12 @@ class CompletionRequest(_Request):
     _unsupported = {**UNSUPPORTED_COMMON, **UNSUPPORTED_COMPLETION}
 
     prompt: str | list[str] | TokenIds | list[TokenIds]
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -127,5 +131,16 @@ class ChatCompletionRequest(_Request):
     _unsupported = {**UNSUPPORTED_COMMON, **UNSUPPORTED_CHAT}
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    logprobs: bool | None = False
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs to be true", "top_logprobs")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None

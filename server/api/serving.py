@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.engine import Engine, EngineError, RequestStream
 from ..engine.params import InvalidRequest, SamplingParams
+from ..engine.request import SeqOutput, TokenLogprob
 from .errors import APIError, error_body
 from .schemas import ChatCompletionRequest, CompletionRequest, _Request
 from .streaming import sse, sse_done
@@ -26,6 +27,7 @@ class Choice:
     text: str = ""
     finish_reason: str | None = None
     tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -44,15 +46,15 @@ class Job:
         completion = sum(c.tokens for c in self.choices.values())
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion}
 
-    async def events(self) -> AsyncIterator[tuple[int, str, str | None]]:
-        """(choice index, new text, finish reason) as the engine produces them, all prompts merged."""
+    async def events(self) -> AsyncIterator[tuple[int, SeqOutput]]:
+        """(choice index, what it produced) as the engine produces it, all prompts merged."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         async def pump(p: int, stream: RequestStream) -> None:
             try:
                 async for out in stream:
                     for o in out.outputs:
-                        await queue.put((p * self.n + o.index, o.text, o.finish_reason, len(o.token_ids)))
+                        await queue.put((p * self.n + o.index, o))
             except EngineError as e:
                 await queue.put(e)
             await queue.put(None)
@@ -63,12 +65,13 @@ class Job:
                 while (item := await queue.get()) is not None:
                     if isinstance(item, EngineError):
                         raise item
-                    index, text, finish, ntok = item
+                    index, out = item
                     choice = self.choices.setdefault(index, Choice())
-                    choice.text += text
-                    choice.tokens += ntok
-                    choice.finish_reason = finish
-                    yield index, text, finish
+                    choice.text += out.text
+                    choice.tokens += len(out.token_ids)
+                    choice.finish_reason = out.finish_reason
+                    choice.logprobs += out.logprobs or []
+                    yield index, out
         finally:
             for t in tasks:
                 t.cancel()
@@ -113,6 +116,7 @@ class OpenAIServing:
             min_tokens=req.min_tokens or 0,
             ignore_eos=bool(req.ignore_eos),
             stop_token_ids=tuple(self._token_ids(req.stop_token_ids or [], "stop_token_ids")),
+            logprobs=req.num_logprobs,
         )
 
     def _token_ids(self, ids: list[int], param: str) -> list[int]:
@@ -166,6 +170,37 @@ class OpenAIServing:
             raise
         return Job(rid, int(time.time()), self.model_name, streams, sum(map(len, prompts)), params[0].n)
 
+    # -- log-probabilities ----------------------------------------------------------------
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def completion_logprobs(self, entries: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+        """OpenAI's legacy shape; text_offset counts from `offset` in the returned text."""
+        if entries is None:
+            return None
+        tokens = [self._token(e.token_id) for e in entries]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{self._token(i): lp for i, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
+
+    def chat_logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+        if entries is None:
+            return None
+
+        def item(token_id: int, logprob: float) -> dict:
+            token = self._token(token_id)
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        content = [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries]
+        return {"content": content, "refusal": None}
+
     # -- endpoints ------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         req.check()
@@ -177,8 +212,10 @@ class OpenAIServing:
             return streaming_response(self._completion_chunks(job, include_usage))
         if not await finish_unless_disconnected(job, raw):
             return Response(status_code=499)
+        wants = req.logprobs is not None
         choices = [
-            {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+            {"index": i, "text": c.text, "logprobs": self.completion_logprobs(c.logprobs if wants else None),
+             "finish_reason": c.finish_reason}
             for i, c in sorted(job.choices.items())
         ]
         return JSONResponse(
@@ -200,7 +237,7 @@ class OpenAIServing:
             {
                 "index": i,
                 "message": {"role": "assistant", "content": c.text, "refusal": None},
-                "logprobs": None,
+                "logprobs": self.chat_logprobs(c.logprobs if req.logprobs else None),
                 "finish_reason": c.finish_reason,
             }
             for i, c in sorted(job.choices.items())
@@ -212,9 +249,14 @@ class OpenAIServing:
     # -- streams --------------------------------------------------------------------------
     async def _completion_chunks(self, job: Job, include_usage: bool) -> AsyncIterator[str]:
         head = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
-        async for index, text, finish in job.events():
-            if text or finish:
-                yield sse({**head, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]})
+        offsets: dict[int, int] = {}
+        async for index, out in job.events():
+            if out.text or out.finish_reason or out.logprobs:
+                logprobs = self.completion_logprobs(out.logprobs, offsets.get(index, 0))
+                if logprobs:
+                    offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                choice = {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+                yield sse({**head, "choices": [choice]})
         if include_usage:
             yield sse({**head, "choices": [], "usage": job.usage()})
 
@@ -225,10 +267,12 @@ class OpenAIServing:
         for i in range(job.n):
             delta = {"role": "assistant", "content": ""}
             yield sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
-        async for index, text, finish in job.events():
-            if text or finish:
-                delta = {"content": text} if text else {}
-                yield sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+        async for index, out in job.events():
+            if out.text or out.finish_reason or out.logprobs:
+                delta = {"content": out.text} if out.text else {}
+                choice = {"index": index, "delta": delta, "logprobs": self.chat_logprobs(out.logprobs),
+                          "finish_reason": out.finish_reason}
+                yield sse({**head, "choices": [choice]})
         if include_usage:
             yield sse({**head, "choices": [], "usage": job.usage()})
 

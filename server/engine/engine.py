@@ -16,7 +16,7 @@ from typing import Any
 from .batch import Batch
 from .detokenizer import IncrementalDetokenizer
 from .params import InvalidRequest, QueueFullError, SamplingParams
-from .request import Request, RequestOutput, Sequence, SeqOutput
+from .request import Request, RequestOutput, Sequence, SeqOutput, TokenLogprob
 from .runner import ModelRunner
 from .scheduler import Scheduler
 
@@ -158,15 +158,14 @@ class Engine:
             for r in admitted:
                 r.sequences = [self._new_sequence(r, i) for i in range(r.params.n)]
             batch, logits = self.runner.prefill(admitted)
-            tokens = self.runner.sample(batch, logits, self.eos_ids)
-            self._update(batch, tokens)
+            self._update(batch, *self.runner.sample(batch, logits, self.eos_ids))
             if self.batch is None:
                 self.batch = batch
             else:
                 self.batch.extend(batch)
         elif self.batch is not None:
             logits = self.runner.decode(self.batch)
-            self._update(self.batch, self.runner.sample(self.batch, logits, self.eos_ids))
+            self._update(self.batch, *self.runner.sample(self.batch, logits, self.eos_ids))
         self._evict_finished()
 
     def _new_sequence(self, request: Request, index: int) -> Sequence:
@@ -175,11 +174,13 @@ class Engine:
             seq.generator = self.runner.new_generator((request.params.seed + index) % 2**64)
         return seq
 
-    def _update(self, batch: Batch, tokens: list[int]) -> None:
+    def _update(self, batch: Batch, tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
         """Append each row's new token, detokenize, check stops; report per request."""
         outputs: dict[Request, list[SeqOutput]] = {}
-        for seq, token in zip(batch.seqs, tokens, strict=True):
-            outputs.setdefault(seq.request, []).append(self._append(seq, token))
+        for seq, token, lp in zip(batch.seqs, tokens, logprobs, strict=True):
+            out = self._append(seq, token)
+            out.logprobs = None if lp is None else [lp]
+            outputs.setdefault(seq.request, []).append(out)
         for request, outs in outputs.items():
             request.emit(RequestOutput(request.request_id, outs, len(request.prompt_ids), request.finished))
 

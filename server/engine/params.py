@@ -22,6 +22,7 @@ class SamplingParams:
     min_tokens: int = 0  # no end-of-sequence or stop token before this many tokens
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: off; k: the chosen token's log-probability and the k best
 
     @property
     def greedy(self) -> bool:

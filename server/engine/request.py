@@ -19,6 +19,13 @@ class Status(Enum):
 
 
 @dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the best alternatives, most likely first
+
+
+@dataclass(slots=True)
 class SeqOutput:
     """What one choice produced in one step: new text, new token ids, and whether it ended."""
 
@@ -26,6 +33,7 @@ class SeqOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
 
 
 @dataclass(slots=True)

@@ -9,9 +9,9 @@ import torch
 from transformers import DynamicCache
 
 from .batch import Batch
-from .request import Request
+from .request import Request, TokenLogprob
 from .processors import process_logits
-from .sampling import sample
+from .sampling import sample, token_logprobs
 
 
 class ModelRunner:
@@ -66,20 +66,35 @@ class ModelRunner:
         return logits
 
     @torch.inference_mode()
-    def sample(self, batch: Batch, logits: torch.Tensor, eos_ids: set[int]) -> list[int]:
+    def sample(self, batch: Batch, logits: torch.Tensor, eos_ids: set[int]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Next token per row, and its log-probability (with the top alternatives) for rows that ask."""
         params = [s.request.params for s in batch.seqs]
         if any(p.shapes_logits for p in params):
             logits = process_logits(logits, batch.seqs, eos_ids)
+        temperature = torch.tensor([p.temperature for p in params], device=self.device)
         tokens = sample(
             logits,
-            torch.tensor([p.temperature for p in params], device=self.device),
+            temperature,
             torch.tensor([p.top_p for p in params], device=self.device),
             torch.tensor([p.top_k for p in params], device=self.device),
             [s.generator for s in batch.seqs],
             torch.tensor([p.min_p for p in params], device=self.device),
         )
         batch.next_tokens = tokens
-        return tokens.tolist()
+        return tokens.tolist(), self._logprobs(logits, temperature, tokens, params)
+
+    def _logprobs(self, logits, temperature, tokens, params) -> list[TokenLogprob | None]:
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(params)
+        if not rows:
+            return out
+        idx = torch.tensor(rows, device=self.device)
+        num_top = max(params[i].logprobs for i in rows)
+        chosen, top_ids, top_lps = token_logprobs(logits[idx], temperature[idx], tokens[idx], num_top)
+        for row, lp, ids, lps in zip(rows, chosen.tolist(), top_ids.tolist(), top_lps.tolist(), strict=True):
+            k = params[row].logprobs
+            out[row] = TokenLogprob(int(tokens[row]), lp, list(zip(ids[:k], lps[:k], strict=True)))
+        return out
 
     def new_generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)

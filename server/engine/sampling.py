@@ -48,3 +48,14 @@ def sample(
             noise[i].exponential_(generator=generators[row])
     tokens[rows] = (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
     return tokens
+
+
+def token_logprobs(
+    logits: torch.Tensor, temperature: torch.Tensor, tokens: torch.Tensor, num_top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the chosen tokens and each row's `num_top` best, under softmax(logits / temperature)
+    (temperature 1 for greedy rows), so a greedy token always has the top log-probability."""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).unsqueeze(1)
+    lp = (logits.float() / t).log_softmax(dim=-1)
+    top = lp.topk(num_top, dim=-1)
+    return lp.gather(1, tokens.unsqueeze(1)).squeeze(1), top.indices, top.values
