@@ -19,7 +19,7 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 # field -> value that means "not used"; anything else gets a 400 naming the field
 UNSUPPORTED_COMMON: dict[str, tuple] = {}
-UNSUPPORTED_COMPLETION = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1)}
+UNSUPPORTED_COMPLETION = {"suffix": (None, "")}
 UNSUPPORTED_CHAT = {
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
@@ -82,8 +82,17 @@ class CompletionRequest(_Request):
     _unsupported = {**UNSUPPORTED_COMMON, **UNSUPPORTED_COMPLETION}
 
     prompt: str | list[str] | TokenIds | list[TokenIds]
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = None
+    echo: bool | None = False
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
+
+    def check(self) -> None:
+        super().check()
+        if self.best_of is not None and self.best_of < self.n:
+            raise InvalidRequest(f"best_of ({self.best_of}) must be at least n ({self.n})", "best_of")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise InvalidRequest("best_of cannot be used with stream", "best_of")
 
     @property
     def num_logprobs(self) -> int | None:

@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Request
@@ -41,6 +41,7 @@ class Job:
     prompt_tokens: int
     n: int
     choices: dict[int, Choice] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # by prompt index
 
     def usage(self) -> dict[str, int]:
         completion = sum(c.tokens for c in self.choices.values())
@@ -53,6 +54,8 @@ class Job:
         async def pump(p: int, stream: RequestStream) -> None:
             try:
                 async for out in stream:
+                    if out.prompt_logprobs is not None:
+                        self.prompt_logprobs[p] = out.prompt_logprobs
                     for o in out.outputs:
                         await queue.put((p * self.n + o.index, o))
             except EngineError as e:
@@ -117,6 +120,7 @@ class OpenAIServing:
             ignore_eos=bool(req.ignore_eos),
             stop_token_ids=tuple(self._token_ids(req.stop_token_ids or [], "stop_token_ids")),
             logprobs=req.num_logprobs,
+            prompt_logprobs=req.logprobs if getattr(req, "echo", False) and req.logprobs is not None else None,
         )
 
     def _token_ids(self, ids: list[int], param: str) -> list[int]:
@@ -133,7 +137,8 @@ class OpenAIServing:
             raise InvalidRequest("logit_bias keys must be token ids (integers as strings)", "logit_bias") from e
         return tuple(zip(self._token_ids(ids, "logit_bias"), bias.values(), strict=True))
 
-    def _prompts(self, prompt: Any) -> list[list[int]]:
+    def _prompts(self, prompt: Any) -> list[tuple[list[int], str]]:
+        """Each prompt as (token ids, text); the text is what `echo` returns."""
         if isinstance(prompt, str):
             prompt = [prompt]
         if isinstance(prompt[0], int):
@@ -143,7 +148,7 @@ class OpenAIServing:
             ids = self.tokenizer(p)["input_ids"] if isinstance(p, str) else self._token_ids(p, "prompt")
             if not ids:
                 raise InvalidRequest("prompt must not be empty", "prompt")
-            out.append(ids)
+            out.append((ids, p if isinstance(p, str) else self.tokenizer.decode(ids)))
         return out
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
@@ -186,7 +191,7 @@ class OpenAIServing:
         return {
             "tokens": tokens,
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{self._token(i): lp for i, lp in e.top} for e in entries],
+            "top_logprobs": [None if e.logprob is None else {self._token(i): lp for i, lp in e.top} for e in entries],
             "text_offset": offsets,
         }
 
@@ -206,21 +211,46 @@ class OpenAIServing:
         req.check()
         self._check_model(req)
         prompts = await asyncio.to_thread(self._prompts, req.prompt)
-        job = self._start(prompts, [self._params(req, req.max_tokens, len(p)) for p in prompts], "cmpl")
+        ids = [p for p, _ in prompts]
+        params = [self._params(req, req.max_tokens, len(p)) for p in ids]
+        best_of = req.best_of or req.n
+        if best_of > req.n:  # draw best_of candidates, each scored by its tokens' log-probabilities
+            logprobs = req.logprobs if req.logprobs is not None else 0
+            params = [replace(p, n=best_of, logprobs=logprobs) for p in params]
+        job = self._start(ids, params, "cmpl")
+        echo = [text for _, text in prompts] if req.echo else None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return streaming_response(self._completion_chunks(job, include_usage))
+            return streaming_response(self._completion_chunks(job, include_usage, echo))
         if not await finish_unless_disconnected(job, raw):
             return Response(status_code=499)
-        wants = req.logprobs is not None
-        choices = [
-            {"index": i, "text": c.text, "logprobs": self.completion_logprobs(c.logprobs if wants else None),
-             "finish_reason": c.finish_reason}
-            for i, c in sorted(job.choices.items())
-        ]
+        choices = []
+        for i, c in self._best(job, req.n, len(ids)):
+            head, head_lps = self._echo(job, i, echo)
+            logprobs = self.completion_logprobs(head_lps + c.logprobs) if req.logprobs is not None else None
+            choices.append({"index": len(choices), "text": head + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
         return JSONResponse(
             {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model, "choices": choices, "usage": job.usage()}
         )
+
+    @staticmethod
+    def _best(job: Job, n: int, num_prompts: int) -> list[tuple[int, Choice]]:
+        """Per prompt, the n choices with the highest mean token log-probability (all of them when n == rows)."""
+        out = []
+        for p in range(num_prompts):
+            candidates = [(i, job.choices[i]) for i in range(p * job.n, (p + 1) * job.n)]
+            if job.n > n:
+                candidates.sort(key=lambda ic: sum(e.logprob for e in ic[1].logprobs) / max(len(ic[1].logprobs), 1), reverse=True)
+            out += candidates[:n]
+        return out
+
+    @staticmethod
+    def _echo(job: Job, index: int, echo: list[str] | None) -> tuple[str, list[TokenLogprob]]:
+        """The prompt text and prompt-token log-probabilities a choice starts with (echo), or nothing."""
+        if echo is None:
+            return "", []
+        prompt = index // job.n
+        return echo[prompt], job.prompt_logprobs.get(prompt, [])
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         req.check()
@@ -247,15 +277,21 @@ class OpenAIServing:
         )
 
     # -- streams --------------------------------------------------------------------------
-    async def _completion_chunks(self, job: Job, include_usage: bool) -> AsyncIterator[str]:
+    async def _completion_chunks(self, job: Job, include_usage: bool, echo: list[str] | None) -> AsyncIterator[str]:
         head = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
         offsets: dict[int, int] = {}
         async for index, out in job.events():
-            if out.text or out.finish_reason or out.logprobs:
-                logprobs = self.completion_logprobs(out.logprobs, offsets.get(index, 0))
+            text, entries = out.text, out.logprobs
+            if index not in offsets:  # a choice's first chunk carries the echoed prompt
+                prompt_text, prompt_lps = self._echo(job, index, echo)
+                text = prompt_text + text
+                entries = None if entries is None else prompt_lps + entries
+                offsets[index] = 0
+            if text or out.finish_reason or entries:
+                logprobs = self.completion_logprobs(entries, offsets[index])
                 if logprobs:
                     offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-                choice = {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
+                choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
                 yield sse({**head, "choices": [choice]})
         if include_usage:
             yield sse({**head, "choices": [], "usage": job.usage()})

@@ -182,7 +182,9 @@ class Engine:
             out.logprobs = None if lp is None else [lp]
             outputs.setdefault(seq.request, []).append(out)
         for request, outs in outputs.items():
-            request.emit(RequestOutput(request.request_id, outs, len(request.prompt_ids), request.finished))
+            out = RequestOutput(request.request_id, outs, len(request.prompt_ids), request.finished)
+            out.prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
+            request.emit(out)
 
     def _append(self, seq: Sequence, token: int) -> SeqOutput:
         seq.token_ids.append(token)

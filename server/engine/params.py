@@ -23,6 +23,7 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # None: off; k: the chosen token's log-probability and the k best
+    prompt_logprobs: int | None = None  # the same for every prompt token (echo)
 
     @property
     def greedy(self) -> bool:

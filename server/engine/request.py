@@ -21,7 +21,7 @@ class Status(Enum):
 @dataclass(slots=True)
 class TokenLogprob:
     token_id: int
-    logprob: float
+    logprob: float | None  # None for a prompt's first token, which has nothing before it
     top: list[tuple[int, float]]  # the best alternatives, most likely first
 
 
@@ -43,6 +43,7 @@ class RequestOutput:
     prompt_tokens: int
     finished: bool
     error: str | None = None  # set when the engine failed this request
+    prompt_logprobs: list[TokenLogprob] | None = None  # with the first output, when asked
 
 
 class Sequence:
@@ -75,6 +76,7 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     sequences: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None  # set by the prefill, sent once
 
     @property
     def num_rows(self) -> int:

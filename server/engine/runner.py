@@ -23,14 +23,15 @@ class ModelRunner:
         self.takes_positions = "position_ids" in accepted
         self.takes_logits_to_keep = "logits_to_keep" in accepted
 
-    def _forward(self, input_ids, attention_mask, positions, cache) -> torch.Tensor:
+    def _forward(self, input_ids, attention_mask, positions, cache, all_logits: bool = False) -> torch.Tensor:
+        """Logits of the last position, (rows, vocab); of every position, (rows, tokens, vocab), if all_logits."""
         kwargs: dict[str, Any] = {"attention_mask": attention_mask, "past_key_values": cache, "use_cache": True}
         if self.takes_positions:
             kwargs["position_ids"] = positions
         if self.takes_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=input_ids, **kwargs)
-        return out.logits[:, -1, :].float()
+            kwargs["logits_to_keep"] = 0 if all_logits else 1
+        logits = self.model(input_ids=input_ids, **kwargs).logits
+        return logits.float() if all_logits else logits[:, -1, :].float()
 
     @torch.inference_mode()
     def prefill(self, requests: list[Request]) -> tuple[Batch, torch.Tensor]:
@@ -44,7 +45,13 @@ class ModelRunner:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache)
+        wants = [r.params.prompt_logprobs is not None for r in requests]
+        logits = self._forward(ids, mask, positions, cache, all_logits=any(wants))
+        if any(wants):
+            for r, want, row_logits, row_ids in zip(requests, wants, logits, ids, strict=True):
+                if want:
+                    r.prompt_logprobs = self._prompt_logprobs(row_logits, row_ids, len(r.prompt_ids), r.params.prompt_logprobs)
+            logits = logits[:, -1, :]
         lengths = mask.sum(dim=1)
         batch = Batch([r.sequences[0] for r in requests], cache, mask, lengths, torch.zeros_like(lengths))
         rows = [i for i, r in enumerate(requests) for _ in r.sequences]
@@ -94,6 +101,19 @@ class ModelRunner:
         for row, lp, ids, lps in zip(rows, chosen.tolist(), top_ids.tolist(), top_lps.tolist(), strict=True):
             k = params[row].logprobs
             out[row] = TokenLogprob(int(tokens[row]), lp, list(zip(ids[:k], lps[:k], strict=True)))
+        return out
+
+    @staticmethod
+    def _prompt_logprobs(logits: torch.Tensor, ids: torch.Tensor, length: int, k: int) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given the tokens before it (none for the first), raw model scores."""
+        lp = logits[-length:-1].log_softmax(dim=-1)
+        targets = ids[-length + 1 :] if length > 1 else ids[:0]
+        chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        top = lp.topk(k, dim=-1) if k else None
+        out = [TokenLogprob(int(ids[-length]), None, [])]
+        for j, (t, c) in enumerate(zip(targets.tolist(), chosen, strict=True)):
+            alts = list(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True)) if top is not None else []
+            out.append(TokenLogprob(t, c, alts))
         return out
 
     def new_generator(self, seed: int) -> torch.Generator:

@@ -21,7 +21,7 @@ BAD = [
     ("/v1/completions", {**GOOD_COMPLETION, "prompt": [10**9]}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny"}, 400, "prompt"),
     ("/v1/completions", {**GOOD_COMPLETION, "stream_options": {"include_usage": True}}, 400, "stream_options"),
-    ("/v1/completions", {**GOOD_COMPLETION, "echo": True}, 400, "echo"),
+    ("/v1/completions", {**GOOD_COMPLETION, "suffix": "after"}, 400, "suffix"),
     ("/v1/completions", {**GOOD_COMPLETION, "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {**GOOD_CHAT, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {**GOOD_CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),

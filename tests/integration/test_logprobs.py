@@ -78,3 +78,49 @@ def test_logprobs_out_of_range(tiny_server, validate, path, body, param):
     assert r.status_code == 400, r.text
     validate("ErrorResponse", r.json())
     assert r.json()["error"]["param"] == param
+
+
+def test_echo_text_and_prompt_logprobs(smol):
+    base = smol.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2)
+    r = smol.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2, echo=True)
+    assert r.choices[0].text == "The capital of France is" + base.choices[0].text
+    lp = r.choices[0].logprobs
+    n_prompt = r.usage.prompt_tokens
+    assert len(lp.tokens) == n_prompt + r.usage.completion_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing comes before the first token
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.token_logprobs[n_prompt:] == pytest.approx(base.choices[0].logprobs.token_logprobs, abs=1e-4)
+    # a prompt token's log-probability is the model's for that token after the tokens before it
+    longer = smol.completions.create(model=MODEL, prompt="The capital of France is" + base.choices[0].text,
+                                     max_tokens=1, temperature=0, logprobs=0, echo=True)
+    assert longer.choices[0].logprobs.token_logprobs[n_prompt] == pytest.approx(lp.token_logprobs[n_prompt], abs=1e-3)
+
+
+def test_echo_streamed_and_several_prompts(smol):
+    kwargs = dict(model=MODEL, prompt=["Hello there", "Bonjour"], max_tokens=5, temperature=0, echo=True, n=2)
+    full = smol.completions.create(**kwargs)
+    texts = {}
+    for c in smol.completions.create(**kwargs, stream=True):
+        texts[c.choices[0].index] = texts.get(c.choices[0].index, "") + c.choices[0].text
+    assert texts == {c.index: c.text for c in full.choices}
+    assert all(c.text.startswith(["Hello there", "Bonjour"][c.index // 2]) for c in full.choices)
+
+
+def test_best_of_returns_the_most_likely_candidates(smol, tokenizer):
+    kwargs = dict(model=MODEL, prompt="My favourite animal is", max_tokens=6, temperature=1.0, seed=3)
+    pool = smol.completions.create(**kwargs, n=5, logprobs=0)
+    def mean(c):
+        return sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs)
+    ranked = sorted(pool.choices, key=mean, reverse=True)
+    best = smol.completions.create(**kwargs, n=2, best_of=5)
+    assert [c.text for c in best.choices] == [c.text for c in ranked[:2]]
+    assert [c.index for c in best.choices] == [0, 1]
+    assert best.choices[0].logprobs is None  # scored internally, returned only when asked
+    assert best.usage.completion_tokens == pool.usage.completion_tokens  # every candidate counts
+
+
+@pytest.mark.parametrize("body", [{"best_of": 1, "n": 2}, {"best_of": 3, "stream": True}])
+def test_best_of_rules(tiny_server, validate, body):
+    r = httpx.post(tiny_server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+    validate("ErrorResponse", r.json())
