@@ -16,6 +16,7 @@ Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 TokenIds = list[Annotated[int, Field(ge=0)]]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+MAX_BEAMS = 8
 
 # field -> value that means "not used"; anything else gets a 400 naming the field
 UNSUPPORTED_COMMON: dict[str, tuple] = {}
@@ -54,6 +55,10 @@ class _Request(BaseModel):
     min_tokens: Annotated[int, Field(ge=0)] | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    num_beams: Annotated[int, Field(ge=1, le=MAX_BEAMS)] | None = None
+    length_penalty: Annotated[float, Field(ge=-10.0, le=10.0)] | None = None
+    early_stopping: bool | Literal["never"] | None = None
+    use_beam_search: bool | None = None  # vLLM's form: the width is best_of (or n)
 
     @field_validator("stop")
     @classmethod
@@ -91,7 +96,7 @@ class CompletionRequest(_Request):
         super().check()
         if self.best_of is not None and self.best_of < self.n:
             raise InvalidRequest(f"best_of ({self.best_of}) must be at least n ({self.n})", "best_of")
-        if self.best_of is not None and self.best_of > self.n and self.stream:
+        if self.best_of is not None and self.best_of > self.n and self.stream and not self.use_beam_search:
             raise InvalidRequest("best_of cannot be used with stream", "best_of")
 
     @property

@@ -16,7 +16,7 @@ from ..engine.engine import Engine, EngineError, RequestStream
 from ..engine.params import InvalidRequest, SamplingParams
 from ..engine.request import SeqOutput, TokenLogprob
 from .errors import APIError, error_body
-from .schemas import ChatCompletionRequest, CompletionRequest, _Request
+from .schemas import MAX_BEAMS, ChatCompletionRequest, CompletionRequest, _Request
 from .streaming import sse, sse_done
 
 SAMPLING_EPS = 1e-5  # temperatures below this decode greedily
@@ -100,7 +100,8 @@ class OpenAIServing:
                     f"This model's maximum context length is {self.max_model_len} tokens, and the prompt has {prompt_len}: no room for a completion.",
                     "messages",
                 )
-        temperature = 1.0 if req.temperature is None else req.temperature
+        num_beams = self._num_beams(req)
+        temperature = 0.0 if num_beams > 1 else 1.0 if req.temperature is None else req.temperature
         if req.min_tokens and req.min_tokens > max_tokens:
             raise InvalidRequest(f"min_tokens ({req.min_tokens}) is larger than max_tokens ({max_tokens})", "min_tokens")
         return SamplingParams(
@@ -120,8 +121,35 @@ class OpenAIServing:
             ignore_eos=bool(req.ignore_eos),
             stop_token_ids=tuple(self._token_ids(req.stop_token_ids or [], "stop_token_ids")),
             logprobs=req.num_logprobs,
+            num_beams=num_beams,
+            length_penalty=1.0 if req.length_penalty is None else req.length_penalty,
+            early_stopping=False if req.early_stopping is None else req.early_stopping,
             prompt_logprobs=req.logprobs if getattr(req, "echo", False) and req.logprobs is not None else None,
         )
+
+    @staticmethod
+    def _num_beams(req: _Request) -> int:
+        """The beam width, and a 400 naming any field that cannot go with beams."""
+        width = req.num_beams or 1
+        if req.use_beam_search:
+            width = max(width, getattr(req, "best_of", None) or req.n, 2)
+        if width == 1:
+            return 1
+        if width > MAX_BEAMS:
+            raise InvalidRequest(f"at most {MAX_BEAMS} beams are allowed, not {width}", "num_beams")
+        clashes = {
+            "temperature": req.temperature not in (None, 0),
+            "top_p": req.top_p not in (None, 1),
+            "top_k": req.top_k not in (None, 0, -1),
+            "min_p": bool(req.min_p),
+            "logprobs": req.num_logprobs is not None,
+            "n": req.n > width,
+            "best_of": not req.use_beam_search and (getattr(req, "best_of", None) or 1) > 1,
+        }
+        for name, clash in clashes.items():
+            if clash:
+                raise InvalidRequest(f"'{name}' cannot be combined with beam search (num_beams={width})", name)
+        return width
 
     def _token_ids(self, ids: list[int], param: str) -> list[int]:
         vocab = len(self.tokenizer)
@@ -213,7 +241,7 @@ class OpenAIServing:
         prompts = await asyncio.to_thread(self._prompts, req.prompt)
         ids = [p for p, _ in prompts]
         params = [self._params(req, req.max_tokens, len(p)) for p in ids]
-        best_of = req.best_of or req.n
+        best_of = req.n if req.use_beam_search or (req.num_beams or 1) > 1 else req.best_of or req.n
         if best_of > req.n:  # draw best_of candidates, each scored by its tokens' log-probabilities
             logprobs = req.logprobs if req.logprobs is not None else 0
             params = [replace(p, n=best_of, logprobs=logprobs) for p in params]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batch import Batch
+from .beam import BeamSearch
 from .detokenizer import IncrementalDetokenizer
 from .params import InvalidRequest, QueueFullError, SamplingParams
 from .request import Request, RequestOutput, Sequence, SeqOutput, TokenLogprob
@@ -127,7 +128,7 @@ class Engine:
             raise InvalidRequest(
                 f"the request needs {request.num_rows} row(s) of {total} tokens, more than this server's batch "
                 f"limits (max_batch_size={self.config.max_batch_size}, max_batch_tokens={self.config.max_batch_tokens})",
-                "n" if request.num_rows > 1 else "max_tokens",
+                "num_beams" if request.params.num_beams > 1 else "n" if request.num_rows > 1 else "max_tokens",
             )
 
     # -- the engine thread ----------------------------------------------------------------
@@ -156,17 +157,39 @@ class Engine:
         admitted = self.scheduler.schedule()
         if admitted:
             for r in admitted:
-                r.sequences = [self._new_sequence(r, i) for i in range(r.params.n)]
+                r.sequences = [self._new_sequence(r, i) for i in range(r.num_rows)]
+                if r.params.num_beams > 1:
+                    r.beam = BeamSearch(r, self.tokenizer, self.eos_ids)
             batch, logits = self.runner.prefill(admitted)
-            self._update(batch, *self.runner.sample(batch, logits, self.eos_ids))
+            self._advance(batch, logits)
             if self.batch is None:
                 self.batch = batch
             else:
                 self.batch.extend(batch)
         elif self.batch is not None:
-            logits = self.runner.decode(self.batch)
-            self._update(self.batch, *self.runner.sample(self.batch, logits, self.eos_ids))
+            self._advance(self.batch, self.runner.decode(self.batch))
         self._evict_finished()
+
+    def _advance(self, batch: Batch, logits) -> None:
+        """Choose every row's next token: sampled or greedy rows directly, beam rows by their search,
+        which may also reorder the beam rows (the cache rows follow their parents)."""
+        tokens, logprobs = self.runner.sample(batch, logits, self.eos_ids)
+        groups: dict[Request, list[int]] = {}
+        for row, seq in enumerate(batch.seqs):
+            if seq.request.beam is not None:
+                groups.setdefault(seq.request, []).append(row)
+        if groups:
+            order = list(range(len(batch)))
+            for request, rows in groups.items():
+                parents = request.beam.group.step(logits[rows])
+                for i, row in enumerate(rows):
+                    order[row] = rows[parents[i]]
+                    tokens[row] = request.beam.group.running[i][-1]
+            seqs = batch.seqs
+            batch.select(order)
+            batch.seqs = seqs  # rows are beam slots: the slot stays, its content moved
+            batch.next_tokens = batch.next_tokens.new_tensor(tokens)
+        self._update(batch, tokens, logprobs)
 
     def _new_sequence(self, request: Request, index: int) -> Sequence:
         seq = Sequence(request, index, IncrementalDetokenizer(self.tokenizer, request.prompt_ids))
@@ -178,6 +201,10 @@ class Engine:
         """Append each row's new token, detokenize, check stops; report per request."""
         outputs: dict[Request, list[SeqOutput]] = {}
         for seq, token, lp in zip(batch.seqs, tokens, logprobs, strict=True):
+            if seq.request.beam is not None:
+                if seq.request not in outputs:
+                    outputs[seq.request] = self._beam_outputs(seq.request)
+                continue
             out = self._append(seq, token)
             out.logprobs = None if lp is None else [lp]
             outputs.setdefault(seq.request, []).append(out)
@@ -185,6 +212,13 @@ class Engine:
             out = RequestOutput(request.request_id, outs, len(request.prompt_ids), request.finished)
             out.prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
             request.emit(out)
+
+    def _beam_outputs(self, request: Request) -> list[SeqOutput]:
+        outs = request.beam.outputs()
+        if request.beam.group.done:
+            for seq in request.sequences:
+                seq.finish_reason = "stop"  # the search is over: every beam row leaves
+        return outs
 
     def _append(self, seq: Sequence, token: int) -> SeqOutput:
         seq.token_ids.append(token)

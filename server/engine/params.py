@@ -24,6 +24,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # None: off; k: the chosen token's log-probability and the k best
     prompt_logprobs: int | None = None  # the same for every prompt token (echo)
+    num_beams: int = 1  # > 1: beam search with this many beams (Hugging Face's rules)
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never"
 
     @property
     def greedy(self) -> bool:

@@ -77,10 +77,11 @@ class Request:
     status: Status = Status.WAITING
     sequences: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None  # set by the prefill, sent once
+    beam: Any = None  # a BeamSearch when params.num_beams > 1; its rows are beam slots, not choices
 
     @property
     def num_rows(self) -> int:
-        return self.params.n
+        return max(self.params.n, self.params.num_beams)
 
     @property
     def reserved_len(self) -> int:
