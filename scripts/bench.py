@@ -5,7 +5,9 @@
     .venv/bin/python scripts/bench.py                      # starts the default model on a free port
     .venv/bin/python scripts/bench.py --url http://host:8000 --concurrency 1,8,32
 
-Prints one JSON line with, per concurrency: completion tokens/s, TTFT and inter-token latency p50/p99.
+Prints one JSON line with, per concurrency: completion tokens/s, TTFT and inter-token latency p50/p99; then
+a 16-client run with all requests sampled next to one where a quarter are 4-beam searches, and one 4-beam
+request alone against `model.generate(num_beams=4)` on the same prompt.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
+async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     start = time.perf_counter()
     stamps, tokens = [], 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -59,13 +61,23 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_to
             "tokens": tokens}
 
 
-async def run_level(url: str, model: str, concurrency: int, rounds: int, max_tokens: int) -> dict:
+SAMPLED = {"temperature": 1.0, "top_p": 0.95}
+BEAM = {"num_beams": 4, "early_stopping": True}
+
+
+async def run_level(url: str, model: str, concurrency: int, rounds: int, max_tokens: int, beam_every: int = 0,
+                    extra: dict | None = None) -> dict:
+    """C clients, `rounds` requests each; with beam_every=k, every k-th request is a 4-beam one."""
     work = prompts(concurrency * rounds)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
         await one_request(client, model, "Warm up.", 4)
 
+        def options(k: int) -> dict | None:
+            return BEAM if beam_every and k % beam_every == 0 else extra
+
         async def worker(i: int) -> list[dict]:
-            return [await one_request(client, model, work[i * rounds + j], max_tokens) for j in range(rounds)]
+            return [await one_request(client, model, work[i * rounds + j], max_tokens, options(i * rounds + j))
+                    for j in range(rounds)]
 
         start = time.perf_counter()
         results = [r for rs in await asyncio.gather(*[worker(i) for i in range(concurrency)]) for r in rs]
@@ -79,8 +91,7 @@ async def run_level(url: str, model: str, concurrency: int, rounds: int, max_tok
             "itl_p99_ms": round(1000 * pct(gaps, 0.99), 1)}
 
 
-def sequential_generate(model_dir: str | None, count: int, max_tokens: int) -> dict:
-    """The baseline: plain transformers generate, one prompt after another, same prompts and length."""
+def load_baseline(model_dir: str | None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,11 +101,16 @@ def sequential_generate(model_dir: str | None, count: int, max_tokens: int) -> d
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model.generate(**tok("Warm up", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    return tok, model
+
+
+def sequential_generate(tok, model, count: int, max_tokens: int, **generate_kwargs) -> dict:
+    """The baseline: plain transformers generate, one prompt after another, same prompts and length."""
     tokens, start = 0, time.perf_counter()
     for p in prompts(count):
         ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
-        out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
+        out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, **generate_kwargs)
         tokens += out.shape[1] - ids["input_ids"].shape[1]
     wall = time.perf_counter() - start
     return {"requests": count, "completion_tokens": tokens, "seconds": round(wall, 2), "tokens_per_s": round(tokens / wall, 1)}
@@ -127,22 +143,34 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after another")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--baseline-requests", type=int, default=8, help="sequential generate calls (0: skip)")
+    ap.add_argument("--beam-clients", type=int, default=16, help="clients for the beam mix (0: skip the beam runs)")
     args = ap.parse_args()
 
     proc, url = (None, args.url) if args.url else start_server(args)
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         levels = [asyncio.run(run_level(url, model, int(c), args.rounds, args.max_tokens)) for c in args.concurrency.split(",")]
+        beams = {}
+        if args.beam_clients:
+            c = args.beam_clients
+            beams["all_sampled"] = asyncio.run(run_level(url, model, c, args.rounds, args.max_tokens, extra=SAMPLED))
+            beams["quarter_4_beam"] = asyncio.run(run_level(url, model, c, args.rounds, args.max_tokens, beam_every=4, extra=SAMPLED))
+            beams["one_4_beam_request_alone_s"] = asyncio.run(run_level(url, model, 1, 1, args.max_tokens, beam_every=1))["seconds"]
     finally:
         if proc:
             proc.terminate()
             proc.wait()
     result = {"model": model, "max_tokens": args.max_tokens, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "server": levels}
+    if args.baseline_requests or beams:
+        tok, net = load_baseline(args.model)
     if args.baseline_requests:
-        base = sequential_generate(args.model, args.baseline_requests, args.max_tokens)
+        base = sequential_generate(tok, net, args.baseline_requests, args.max_tokens)
         result["sequential_generate"] = base
         result["speedup_vs_sequential"] = {lv["concurrency"]: round(lv["tokens_per_s"] / base["tokens_per_s"], 2) for lv in levels}
+    if beams:
+        beams["generate_4_beam_alone_s"] = sequential_generate(tok, net, 1, args.max_tokens, num_beams=4, early_stopping=True)["seconds"]
+        result["beams"] = beams
     print(json.dumps(result))
 
 

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import torch
 
+SHORTLIST = 1024  # top-k/top-p look here first; the full sort runs only if the nucleus is not inside
 
-def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask logits outside each row's top-k (0 = off) and top-p nucleus; the best token always survives."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
-    k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
-    cut = ranks >= k
-    probs = sorted_logits.softmax(dim=-1)
-    cut |= (probs.cumsum(dim=-1) - probs) >= top_p.unsqueeze(1)
-    sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+def truncate(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero the probabilities outside each row's top-k (0 = off) and top-p nucleus; the best token always survives."""
+    vocab = probs.shape[-1]
+    width = min(vocab, max(SHORTLIST, int(top_k.max())))
+    vals, idx = probs.topk(width, dim=-1)
+    if width < vocab and bool(((top_p < 1) & (vals.sum(dim=-1) < top_p)).any()):
+        vals, idx = probs.sort(dim=-1, descending=True)
+    ranks = torch.arange(vals.shape[-1], device=probs.device).unsqueeze(0)
+    cut = ranks >= torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
+    cut |= (vals.cumsum(dim=-1) - vals) >= top_p.unsqueeze(1)
+    return torch.zeros_like(probs).scatter_(1, idx, vals.masked_fill(cut, 0.0))
 
 
 def sample(
@@ -27,26 +29,27 @@ def sample(
     min_p: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next token per row. Rows with temperature 0 take the argmax; the others are drawn from
-    softmax(logits / temperature) after top-k/top-p and min-p, with the row's own generator when it has one
-    (a seeded row draws the same noise whatever else is in the batch)."""
+    softmax(logits / temperature) after top-k/top-p and min-p, by inverse CDF with one uniform number per
+    row, from the row's own generator when it has one (a seeded row draws the same whatever the batch)."""
     tokens = logits.argmax(dim=-1)
     rows = (temperature > 0).nonzero().squeeze(1)
     if rows.numel() == 0:
         return tokens
-    scaled = logits[rows].float() / temperature[rows].unsqueeze(1)
-    if bool((top_k[rows] > 0).any()) or bool((top_p[rows] < 1).any()):
-        scaled = top_k_top_p_filter(scaled, top_k[rows], top_p[rows])
-    probs = scaled.softmax(dim=-1)
+    probs = (logits[rows].float() / temperature[rows].unsqueeze(1)).softmax(dim=-1)
+    k, p = top_k[rows], top_p[rows]
+    cut = ((k > 0) | (p < 1)).nonzero().squeeze(1)
+    if cut.numel():
+        probs[cut] = truncate(probs[cut], k[cut], p[cut])
     if min_p is not None and bool((min_p[rows] > 0).any()):
         # min-p: drop tokens less likely than min_p times the most likely one
-        keep = probs >= min_p[rows].unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-        probs = probs * keep
-    # Exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) draws from p.
-    noise = torch.empty_like(probs).exponential_()
+        probs = probs * (probs >= min_p[rows].unsqueeze(1) * probs.max(dim=-1, keepdim=True).values)
+    uniform = torch.rand(rows.numel(), dtype=torch.float64, device=logits.device)
     for i, row in enumerate(rows.tolist()):
         if generators[row] is not None:
-            noise[i].exponential_(generator=generators[row])
-    tokens[rows] = (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
+            uniform[i] = torch.rand(1, dtype=torch.float64, generator=generators[row], device=logits.device)[0]
+    cdf = probs.double().cumsum(dim=-1)
+    drawn = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    tokens[rows] = drawn.clamp(max=probs.shape[-1] - 1)
     return tokens
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from server.engine.sampling import sample, top_k_top_p_filter
+from server.engine.sampling import SHORTLIST, sample, truncate
 
 
 def params(rows, temperature=1.0, top_p=1.0, top_k=0):
@@ -18,13 +18,20 @@ def test_greedy_rows_take_argmax_next_to_sampled_rows():
 
 
 def test_top_k_and_top_p_cut():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept = top_k_top_p_filter(logits, torch.tensor([2]), torch.tensor([1.0]))
-    assert torch.isfinite(kept).tolist() == [[True, True, False, False]]
-    kept = top_k_top_p_filter(logits, torch.tensor([0]), torch.tensor([0.7]))
-    assert torch.isfinite(kept).tolist() == [[True, True, False, False]]
-    kept = top_k_top_p_filter(logits, torch.tensor([0]), torch.tensor([0.1]))
-    assert torch.isfinite(kept).tolist() == [[True, False, False, False]]  # the best token always survives
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = truncate(probs, torch.tensor([2]), torch.tensor([1.0]))
+    assert (kept > 0).tolist() == [[True, True, False, False]]
+    kept = truncate(probs, torch.tensor([0]), torch.tensor([0.7]))
+    assert (kept > 0).tolist() == [[True, True, False, False]]
+    kept = truncate(probs, torch.tensor([0]), torch.tensor([0.1]))
+    assert (kept > 0).tolist() == [[True, False, False, False]]  # the best token always survives
+
+
+def test_nucleus_wider_than_the_shortlist_is_exact():
+    vocab = 4 * SHORTLIST
+    probs = torch.full((1, vocab), 1.0 / vocab)  # flat: a 0.9 nucleus needs 90% of the vocabulary
+    kept = truncate(probs, torch.tensor([0]), torch.tensor([0.9]))
+    assert abs(int((kept > 0).sum()) - 0.9 * vocab) <= 2  # far past the shortlist: the full sort ran
 
 
 def test_sampled_tokens_stay_inside_top_k():
