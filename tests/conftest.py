@@ -4,7 +4,6 @@ real servers on real ports, and a validator for OpenAI's published schemas."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
@@ -14,70 +14,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.engine import Engine, EngineError, RequestStream
 from ..engine.params import InvalidRequest, SamplingParams
-from ..engine.request import SeqOutput, TokenLogprob
 from .errors import APIError, error_body
+from .job import Job, finish_unless_disconnected
+from .logprobs import LogprobFormatter
 from .schemas import MAX_BEAMS, ChatCompletionRequest, CompletionRequest, _Request
 from .streaming import sse, sse_done
 
 SAMPLING_EPS = 1e-5  # temperatures below this decode greedily
-
-
-@dataclass
-class Choice:
-    text: str = ""
-    finish_reason: str | None = None
-    tokens: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-
-
-@dataclass
-class Job:
-    """One OpenAI request fanned out to engine requests (one per prompt), with its choices."""
-
-    id: str
-    created: int
-    model: str
-    streams: list[RequestStream]
-    prompt_tokens: int
-    n: int
-    choices: dict[int, Choice] = field(default_factory=dict)
-    prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # by prompt index
-
-    def usage(self) -> dict[str, int]:
-        completion = sum(c.tokens for c in self.choices.values())
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion}
-
-    async def events(self) -> AsyncIterator[tuple[int, SeqOutput]]:
-        """(choice index, what it produced) as the engine produces it, all prompts merged."""
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def pump(p: int, stream: RequestStream) -> None:
-            try:
-                async for out in stream:
-                    if out.prompt_logprobs is not None:
-                        self.prompt_logprobs[p] = out.prompt_logprobs
-                    for o in out.outputs:
-                        await queue.put((p * self.n + o.index, o))
-            except EngineError as e:
-                await queue.put(e)
-            await queue.put(None)
-
-        tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(self.streams)]
-        try:
-            for _ in range(len(tasks)):
-                while (item := await queue.get()) is not None:
-                    if isinstance(item, EngineError):
-                        raise item
-                    index, out = item
-                    choice = self.choices.setdefault(index, Choice())
-                    choice.text += out.text
-                    choice.tokens += len(out.token_ids)
-                    choice.finish_reason = out.finish_reason
-                    choice.logprobs += out.logprobs or []
-                    yield index, out
-        finally:
-            for t in tasks:
-                t.cancel()
 
 
 class OpenAIServing:
@@ -86,6 +29,7 @@ class OpenAIServing:
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
+        self.logprobs = LogprobFormatter(self.tokenizer)
 
     # -- requests -> engine ----------------------------------------------------------------
     def _check_model(self, req: _Request) -> None:
@@ -203,37 +147,6 @@ class OpenAIServing:
             raise
         return Job(rid, int(time.time()), self.model_name, streams, sum(map(len, prompts)), params[0].n)
 
-    # -- log-probabilities ----------------------------------------------------------------
-    def _token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    def completion_logprobs(self, entries: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
-        """OpenAI's legacy shape; text_offset counts from `offset` in the returned text."""
-        if entries is None:
-            return None
-        tokens = [self._token(e.token_id) for e in entries]
-        offsets = []
-        for t in tokens:
-            offsets.append(offset)
-            offset += len(t)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [None if e.logprob is None else {self._token(i): lp for i, lp in e.top} for e in entries],
-            "text_offset": offsets,
-        }
-
-    def chat_logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
-        if entries is None:
-            return None
-
-        def item(token_id: int, logprob: float) -> dict:
-            token = self._token(token_id)
-            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-        content = [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries]
-        return {"content": content, "refusal": None}
-
     # -- endpoints ------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         req.check()
@@ -253,32 +166,13 @@ class OpenAIServing:
         if not await finish_unless_disconnected(job, raw):
             return Response(status_code=499)
         choices = []
-        for i, c in self._best(job, req.n, len(ids)):
-            head, head_lps = self._echo(job, i, echo)
-            logprobs = self.completion_logprobs(head_lps + c.logprobs) if req.logprobs is not None else None
+        for i, c in job.best(req.n, len(ids)):
+            head, head_lps = job.echo(i, echo)
+            logprobs = self.logprobs.completion(head_lps + c.logprobs) if req.logprobs is not None else None
             choices.append({"index": len(choices), "text": head + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
         return JSONResponse(
             {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model, "choices": choices, "usage": job.usage()}
         )
-
-    @staticmethod
-    def _best(job: Job, n: int, num_prompts: int) -> list[tuple[int, Choice]]:
-        """Per prompt, the n choices with the highest mean token log-probability (all of them when n == rows)."""
-        out = []
-        for p in range(num_prompts):
-            candidates = [(i, job.choices[i]) for i in range(p * job.n, (p + 1) * job.n)]
-            if job.n > n:
-                candidates.sort(key=lambda ic: sum(e.logprob for e in ic[1].logprobs) / max(len(ic[1].logprobs), 1), reverse=True)
-            out += candidates[:n]
-        return out
-
-    @staticmethod
-    def _echo(job: Job, index: int, echo: list[str] | None) -> tuple[str, list[TokenLogprob]]:
-        """The prompt text and prompt-token log-probabilities a choice starts with (echo), or nothing."""
-        if echo is None:
-            return "", []
-        prompt = index // job.n
-        return echo[prompt], job.prompt_logprobs.get(prompt, [])
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         req.check()
@@ -295,7 +189,7 @@ class OpenAIServing:
             {
                 "index": i,
                 "message": {"role": "assistant", "content": c.text, "refusal": None},
-                "logprobs": self.chat_logprobs(c.logprobs if req.logprobs else None),
+                "logprobs": self.logprobs.chat(c.logprobs if req.logprobs else None),
                 "finish_reason": c.finish_reason,
             }
             for i, c in sorted(job.choices.items())
@@ -311,12 +205,12 @@ class OpenAIServing:
         async for index, out in job.events():
             text, entries = out.text, out.logprobs
             if index not in offsets:  # a choice's first chunk carries the echoed prompt
-                prompt_text, prompt_lps = self._echo(job, index, echo)
+                prompt_text, prompt_lps = job.echo(index, echo)
                 text = prompt_text + text
                 entries = None if entries is None else prompt_lps + entries
                 offsets[index] = 0
             if text or out.finish_reason or entries:
-                logprobs = self.completion_logprobs(entries, offsets[index])
+                logprobs = self.logprobs.completion(entries, offsets[index])
                 if logprobs:
                     offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                 choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
@@ -334,7 +228,7 @@ class OpenAIServing:
         async for index, out in job.events():
             if out.text or out.finish_reason or out.logprobs:
                 delta = {"content": out.text} if out.text else {}
-                choice = {"index": index, "delta": delta, "logprobs": self.chat_logprobs(out.logprobs),
+                choice = {"index": index, "delta": delta, "logprobs": self.logprobs.chat(out.logprobs),
                           "finish_reason": out.finish_reason}
                 yield sse({**head, "choices": [choice]})
         if include_usage:
@@ -353,25 +247,3 @@ def streaming_response(chunks: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def finish_unless_disconnected(job: Job, raw: Request) -> bool:
-    """Run the job to the end; if the client goes away first, abort it and return False."""
-
-    async def consume() -> None:
-        async for _ in job.events():
-            pass
-
-    async def disconnected() -> None:
-        while (await raw.receive())["type"] != "http.disconnect":
-            pass
-
-    work, watch = asyncio.create_task(consume()), asyncio.create_task(disconnected())
-    done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    watch.cancel()
-    if work in done:
-        try:
-            work.result()
-        except EngineError as e:
-            raise APIError(500, f"generation failed: {e}") from e
-        return True
-    work.cancel()
-    return False

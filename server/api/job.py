@@ -1,0 +1,113 @@
+"""One OpenAI request fanned out to engine requests (one per prompt), and its choices as they grow."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from ..engine.engine import EngineError, RequestStream
+from ..engine.request import SeqOutput, TokenLogprob
+from .errors import APIError
+
+
+@dataclass
+class Choice:
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """One OpenAI request fanned out to engine requests (one per prompt), with its choices."""
+
+    id: str
+    created: int
+    model: str
+    streams: list[RequestStream]
+    prompt_tokens: int
+    n: int
+    choices: dict[int, Choice] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # by prompt index
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(c.tokens for c in self.choices.values())
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion}
+
+    async def events(self) -> AsyncIterator[tuple[int, SeqOutput]]:
+        """(choice index, what it produced) as the engine produces it, all prompts merged."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def pump(p: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    if out.prompt_logprobs is not None:
+                        self.prompt_logprobs[p] = out.prompt_logprobs
+                    for o in out.outputs:
+                        await queue.put((p * self.n + o.index, o))
+            except EngineError as e:
+                await queue.put(e)
+            await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(self.streams)]
+        try:
+            for _ in range(len(tasks)):
+                while (item := await queue.get()) is not None:
+                    if isinstance(item, EngineError):
+                        raise item
+                    index, out = item
+                    choice = self.choices.setdefault(index, Choice())
+                    choice.text += out.text
+                    choice.tokens += len(out.token_ids)
+                    choice.finish_reason = out.finish_reason
+                    choice.logprobs += out.logprobs or []
+                    yield index, out
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def best(self, n: int, num_prompts: int) -> list[tuple[int, Choice]]:
+        """Per prompt, the n choices with the highest mean token log-probability (all of them when n == rows)."""
+        out = []
+        for p in range(num_prompts):
+            candidates = [(i, self.choices[i]) for i in range(p * self.n, (p + 1) * self.n)]
+            if self.n > n:
+                candidates.sort(key=lambda ic: sum(e.logprob for e in ic[1].logprobs) / max(len(ic[1].logprobs), 1), reverse=True)
+            out += candidates[:n]
+        return out
+
+    def echo(self, index: int, echo: list[str] | None) -> tuple[str, list[TokenLogprob]]:
+        """The prompt text and prompt-token log-probabilities a choice starts with (echo), or nothing."""
+        if echo is None:
+            return "", []
+        prompt = index // self.n
+        return echo[prompt], self.prompt_logprobs.get(prompt, [])
+
+
+async def finish_unless_disconnected(job: Job, raw: Request) -> bool:
+    """Run the job to the end; if the client goes away first, abort it and return False."""
+
+    async def consume() -> None:
+        async for _ in job.events():
+            pass
+
+    async def disconnected() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.create_task(consume()), asyncio.create_task(disconnected())
+    done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    watch.cancel()
+    if work in done:
+        try:
+            work.result()
+        except EngineError as e:
+            raise APIError(500, f"generation failed: {e}") from e
+        return True
+    work.cancel()
+    return False

@@ -1,0 +1,42 @@
+"""Log-probabilities in OpenAI's two shapes: the legacy completions one and the chat one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..engine.request import TokenLogprob
+
+
+class LogprobFormatter:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def completion(self, entries: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+        """OpenAI's legacy shape; text_offset counts from `offset` in the returned text."""
+        if entries is None:
+            return None
+        tokens = [self.token(e.token_id) for e in entries]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [None if e.logprob is None else {self.token(i): lp for i, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
+
+    def chat(self, entries: list[TokenLogprob] | None) -> dict | None:
+        if entries is None:
+            return None
+
+        def item(token_id: int, logprob: float) -> dict:
+            token = self.token(token_id)
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        content = [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries]
+        return {"content": content, "refusal": None}
