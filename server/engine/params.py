@@ -29,10 +29,6 @@ class SamplingParams:
     early_stopping: bool | str = False  # True, False or "never"
 
     @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
-
-    @property
     def shapes_logits(self) -> bool:
         """Whether the logits need per-request work before sampling."""
         return bool(
