@@ -80,6 +80,16 @@ def tiny_gpt2_dir(tmp_path_factory, tokenizer) -> Path:
     return _save_tiny(config, tokenizer, tmp_path_factory.mktemp("tiny-gpt2"), chat_template=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_bloom_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer BLOOM: ALiBi attention, no position ids, the architecture of BLOOMZ."""
+    from transformers import BloomConfig
+
+    config = BloomConfig(vocab_size=len(tokenizer), hidden_size=64, n_layer=2, n_head=4,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return _save_tiny(config, tokenizer, tmp_path_factory.mktemp("tiny-bloom"), chat_template=False)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

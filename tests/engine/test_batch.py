@@ -10,7 +10,7 @@ from server.engine.request import Request, Sequence
 from server.engine.runner import ModelRunner
 
 
-@pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_gpt2_dir"])
+@pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_gpt2_dir", "tiny_bloom_dir"])
 def runner(request):
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(request.param), dtype=torch.float32).eval()
     return ModelRunner(model, torch.device("cpu"))

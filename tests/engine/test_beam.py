@@ -79,7 +79,7 @@ def test_n_best_hypotheses_and_length_penalty(smol, tokenizer):
     assert [tokens[i] for i in range(3)] == hf_beams(model, ids, 10, True, length_penalty=0.5, n=3)
 
 
-@pytest.mark.parametrize("path", ["tiny_llama_dir", "tiny_gpt2_dir"])
+@pytest.mark.parametrize("path", ["tiny_llama_dir", "tiny_gpt2_dir", "tiny_bloom_dir"])
 def test_tiny_models_match_hf(request, tokenizer, path):
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(path), dtype=torch.float32).eval()
     engine = Engine(model, tokenizer, torch.device("cpu"), EngineConfig(max_model_len=256))

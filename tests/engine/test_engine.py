@@ -21,7 +21,7 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_gpt2_dir"])
+@pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_gpt2_dir", "tiny_bloom_dir"])
 def model_and_engine(request, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(request.param), dtype=torch.float32).eval()
     engine = Engine(model, tokenizer, torch.device("cpu"), EngineConfig(max_model_len=256, max_batch_size=16))
