@@ -185,6 +185,8 @@ class Engine:
                 for i, row in enumerate(rows):
                     order[row] = rows[parents[i]]
                     tokens[row] = request.beam.group.running[i][-1]
+                    # the slot now holds beam i: penalties and min_tokens read its history from here
+                    batch.seqs[row].token_ids = list(request.beam.group.running[i])
             seqs = batch.seqs
             batch.select(order)
             batch.seqs = seqs  # rows are beam slots: the slot stays, its content moved

@@ -81,3 +81,17 @@ def test_beam_request_waits_for_room(start_server, tiny_llama_dir):
     assert [r.status_code for r in asyncio.run(scenario())] == [200, 200, 200]
     r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 4, "num_beams": 5})
     assert r.status_code == 400 and r.json()["error"]["param"] == "num_beams"
+
+
+def test_min_tokens_and_penalties_see_each_beams_own_tokens(smol):
+    france = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = smol.chat.completions.create(model=MODEL, messages=france, max_tokens=40, extra_body=BEAMS)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 9
+    held = smol.chat.completions.create(model=MODEL, messages=france, max_tokens=40,
+                                        extra_body={**BEAMS, "min_tokens": 9})
+    # the end token is banned only until the beam holds 9 tokens, then the search may end
+    assert 9 <= held.usage.completion_tokens < 40 and held.choices[0].finish_reason == "stop"
+    kwargs = dict(model=MODEL, prompt="ha ha ha ha ha ha ha ha ha ha", max_tokens=12)
+    laugh = smol.completions.create(**kwargs, extra_body=BEAMS).choices[0].text
+    penalised = smol.completions.create(**kwargs, frequency_penalty=2.0, extra_body=BEAMS).choices[0].text
+    assert penalised.count("ha") < laugh.count("ha")
