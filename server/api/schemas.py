@@ -77,6 +77,10 @@ class _Request(BaseModel):
                 raise InvalidRequest(f"'{name}' is not supported by this server yet", name)
 
     @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()

@@ -161,8 +161,7 @@ class OpenAIServing:
         job = self._start(ids, params, "cmpl")
         echo = [text for _, text in prompts] if req.echo else None
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return streaming_response(self._completion_chunks(job, include_usage, echo))
+            return streaming_response(self._completion_chunks(job, req.include_usage, echo))
         if not await finish_unless_disconnected(job, raw):
             return Response(status_code=499)
         choices = []
@@ -181,8 +180,7 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         job = self._start([ids], [self._params(req, max_tokens, len(ids))], "chatcmpl")
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return streaming_response(self._chat_chunks(job, include_usage))
+            return streaming_response(self._chat_chunks(job, req.include_usage))
         if not await finish_unless_disconnected(job, raw):
             return Response(status_code=499)
         choices = [
