@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
+from .families import FAMILY_CHOICES
+
 ENV_PREFIX = "POLYGLOT_"
 
 
@@ -26,6 +28,13 @@ class Settings:
     max_batch_tokens: int = 131072
     max_waiting: int = 256
     log_level: str = "info"
+    model_family: str = "auto"
+    chat_template: str | None = None
+    generation_config: str = "auto"
+    trust_remote_code: bool = False
+    device_map: str | None = None
+    max_memory: str | None = None
+    quantization: str = "none"
 
 
 HELP = {
@@ -40,10 +49,23 @@ HELP = {
     "max_batch_tokens": "KV-cache budget in tokens: rows x longest reserved row (prompt + max_tokens) must fit",
     "max_waiting": "maximum queued requests; past it new requests get 503",
     "log_level": "debug, info, warning or error",
+    "model_family": "prompt format and end token: auto (detect from the model), polylm, polylm-multialpaca, "
+    "polylm-chat, bloomz, hf (the model's own chat template)",
+    "chat_template": "a Jinja chat template file that replaces the family's or the model's template",
+    "generation_config": "auto: the model's generation_config.json supplies defaults for fields a request leaves "
+    "unset (e.g. num_beams=4); none: OpenAI's defaults",
+    "trust_remote_code": "allow models that ship their own Python code (such as PolyLM base checkpoints) to run it",
+    "device_map": "spread the layers over devices with accelerate: auto, balanced, sequential (GPUs, then CPU)",
+    "max_memory": "with --device-map, the memory per device, e.g. '0=20GiB,1=20GiB,cpu=64GiB'",
+    "quantization": "load the weights in 8bit or 4bit with bitsandbytes (CUDA only), or none",
 }
 CHOICES = {
     "dtype": ["auto", "float32", "bfloat16", "float16"],
     "log_level": ["debug", "info", "warning", "error"],
+    "model_family": FAMILY_CHOICES,
+    "generation_config": ["auto", "none"],
+    "device_map": ["auto", "balanced", "sequential"],
+    "quantization": ["none", "8bit", "4bit"],
 }
 
 
@@ -58,6 +80,12 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
     for f in fields(Settings):
         name = f.name.replace("_", "-")
         var = ENV_PREFIX + f.name.upper()
+        if isinstance(f.default, bool):
+            default = env[var].lower() in ("1", "true", "yes", "on") if var in env else f.default
+            parser.add_argument(
+                f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=f"{HELP[f.name]} [env {var}]"
+            )
+            continue
         kind = int if f.name in ("port", "max_model_len") else _type(f.default)
         default = kind(env[var]) if var in env else f.default
         parser.add_argument(

@@ -90,6 +90,18 @@ def tiny_bloom_dir(tmp_path_factory, tokenizer) -> Path:
     return _save_tiny(config, tokenizer, tmp_path_factory.mktemp("tiny-bloom"), chat_template=False)
 
 
+@pytest.fixture(scope="session")
+def family_models() -> dict[str, Path]:
+    """Tiny PolyLM-chat, PolyLM-MultiAlpaca, PolyLM-base (own code) and BLOOMZ models, built and trained on the
+    shipped multilingual text by scripts/make_test_models.py (cached between runs; about 40 s the first time)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_test_models", ROOT / "scripts" / "make_test_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

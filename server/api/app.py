@@ -11,14 +11,15 @@ from fastapi import FastAPI
 from ..config import Settings
 from ..engine.engine import Engine, EngineConfig
 from ..engine.loader import ModelLoadError, load
+from ..families import FAMILIES
 from .errors import install_handlers
 from .routes import router
-from .serving import OpenAIServing
+from .serving import ModelInfo, OpenAIServing
 
 
-def build_engine(settings: Settings) -> tuple[Engine, str]:
+def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
     """Load the model named by the settings and build an engine for it (not started)."""
-    loaded = load(settings.model, device=settings.device, dtype=settings.dtype)
+    loaded = load(settings)
     model_len = getattr(loaded.model.config, "max_position_embeddings", None) or settings.max_model_len or 2048
     max_model_len = settings.max_model_len or model_len
     if max_model_len > model_len:
@@ -28,14 +29,22 @@ def build_engine(settings: Settings) -> tuple[Engine, str]:
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=max(settings.max_batch_tokens, max_model_len),
         max_waiting=settings.max_waiting,
+        eos_token_ids=loaded.family.eos_token_ids,
     )
-    return Engine(loaded.model, loaded.tokenizer, loaded.device, config), settings.served_model_name or loaded.name
+    info = ModelInfo(
+        name=settings.served_model_name or loaded.name,
+        family=loaded.family,
+        max_model_len=max_model_len,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        generation_defaults=loaded.generation_defaults,
+    )
+    return Engine(loaded.model, loaded.tokenizer, loaded.device, config), info
 
 
-def create_app(settings: Settings, engine: Engine | None = None, model_name: str | None = None) -> FastAPI:
+def create_app(settings: Settings, engine: Engine | None = None, info: ModelInfo | None = None) -> FastAPI:
     if engine is None:
-        engine, model_name = build_engine(settings)
-    serving = OpenAIServing(engine, model_name or "model", engine.config.max_model_len)
+        engine, info = build_engine(settings)
+    serving = OpenAIServing(engine, info or ModelInfo("model", FAMILIES["hf"], engine.config.max_model_len))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -58,7 +58,9 @@ async def create_chat_completion(body: Chat, raw: Request, s: Serving) -> Respon
 
 
 def _model_card(s: OpenAIServing, created: int) -> dict:
-    return {"id": s.model_name, "object": "model", "created": created, "owned_by": "polyglot-server", "max_model_len": s.max_model_len}
+    info = s.info
+    return {"id": info.name, "object": "model", "created": created, "owned_by": "polyglot-server",
+            "family": info.family.name, "max_model_len": info.max_model_len, "dtype": info.dtype}
 
 
 @router.get("/v1/models")

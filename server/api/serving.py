@@ -6,35 +6,74 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.engine import Engine, EngineError, RequestStream
 from ..engine.params import InvalidRequest, SamplingParams
+from ..families import Family
 from .errors import APIError, error_body
 from .job import Job, finish_unless_disconnected
 from .logprobs import LogprobFormatter
 from .schemas import MAX_BEAMS, ChatCompletionRequest, CompletionRequest, _Request
 from .streaming import sse, sse_done
 
+R = TypeVar("R", bound=_Request)
 SAMPLING_EPS = 1e-5  # temperatures below this decode greedily
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # the id clients send
+    family: Family
+    max_model_len: int
+    dtype: str = ""
+    generation_defaults: dict[str, Any] = field(default_factory=dict)  # for fields a request leaves unset
+
+
+BEAM_FIELDS = ("num_beams", "length_penalty", "early_stopping")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
 class OpenAIServing:
-    def __init__(self, engine: Engine, model_name: str, max_model_len: int) -> None:
+    def __init__(self, engine: Engine, info: ModelInfo) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.model_name = model_name
-        self.max_model_len = max_model_len
+        self.info = info
+        self.model_name = info.name
+        self.max_model_len = info.max_model_len
         self.logprobs = LogprobFormatter(self.tokenizer)
+        # The family's own formats are plain text, tokenized like a completion prompt (as the seeds do); a model's
+        # Hugging Face template writes its special tokens itself.
+        own = info.family.chat_template is not None and self.tokenizer.chat_template == info.family.chat_template
+        self.chat_special_tokens = own
 
     # -- requests -> engine ----------------------------------------------------------------
     def _check_model(self, req: _Request) -> None:
         if req.model is not None and req.model != self.model_name:
             raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{self.model_name}'", "model", "model_not_found")
+
+    def _with_defaults(self, req: R) -> R:
+        """Fill the fields a request left unset from the model's generation_config; set fields always win.
+        A default beam search is dropped when the request asks for something beams cannot do (sampling, say)."""
+        defaults, given = self.info.generation_defaults, req.model_fields_set
+        update: dict[str, Any] = {}
+        if "max_new_tokens" in defaults and not given & {"max_tokens", "max_completion_tokens"}:
+            update["max_tokens"] = defaults["max_new_tokens"]
+        asks_beams = "num_beams" in given or req.use_beam_search
+        if defaults.get("num_beams", 1) > 1 and not asks_beams:
+            beams = {f: defaults[f] for f in BEAM_FIELDS if f in defaults and f not in given}
+            try:
+                self._num_beams(req.model_copy(update=beams))
+                update.update(beams)
+            except InvalidRequest:
+                pass
+        if "num_beams" not in update and (req.num_beams or 1) == 1 and not req.use_beam_search:
+            update.update({f: defaults[f] for f in SAMPLING_FIELDS if f in defaults and f not in given})
+        return req.model_copy(update=update) if update else req
 
     def _params(self, req: _Request, max_tokens: int | None, prompt_len: int) -> SamplingParams:
         if max_tokens is None:
@@ -126,14 +165,16 @@ class OpenAIServing:
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest(
-                f"the model '{self.model_name}' has no chat template; use /v1/completions with a prompt instead", "messages"
+                f"the model '{self.model_name}' ({self.info.family.title}) has no chat template: send a prompt to "
+                "/v1/completions instead, or start the server with --chat-template FILE",
+                "messages",
             )
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # a template may refuse a role order, for instance
             raise InvalidRequest(f"the chat template rejected these messages: {e}", "messages") from e
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=self.chat_special_tokens)["input_ids"]
 
     def _start(self, prompts: list[list[int]], params: list[SamplingParams], prefix: str) -> Job:
         rid = f"{prefix}-{uuid.uuid4().hex}"
@@ -151,6 +192,7 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         req.check()
         self._check_model(req)
+        req = self._with_defaults(req)
         prompts = await asyncio.to_thread(self._prompts, req.prompt)
         ids = [p for p, _ in prompts]
         params = [self._params(req, req.max_tokens, len(p)) for p in ids]
@@ -176,6 +218,7 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         req.check()
         self._check_model(req)
+        req = self._with_defaults(req)
         ids = await asyncio.to_thread(self._chat_prompt, req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         job = self._start([ids], [self._params(req, max_tokens, len(ids))], "chatcmpl")

@@ -36,6 +36,7 @@ class EngineConfig:
     max_batch_size: int = 64
     max_batch_tokens: int = 131072
     max_waiting: int = 256
+    eos_token_ids: tuple[int, ...] = ()  # end tokens besides the model's and tokenizer's (a family's)
 
 
 class RequestStream:
@@ -67,7 +68,7 @@ class Engine:
         self.config = config
         self.runner = ModelRunner(model, device)
         self.scheduler = Scheduler(config.max_batch_size, config.max_batch_tokens)
-        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer) | set(config.eos_token_ids)
         self.batch: Batch | None = None
         self._cv = threading.Condition()
         self._inbox: list[Request] = []

