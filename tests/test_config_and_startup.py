@@ -42,3 +42,17 @@ def test_environment_configures_the_server(start_server, tiny_llama_dir, monkeyp
     server = start_server("--model", str(tiny_llama_dir))
     card = httpx.get(server.url + "/v1/models").json()["data"][0]
     assert card["id"] == "from-env" and card["max_model_len"] == 128
+
+
+def test_kv_cache_memory_sets_the_token_budget(start_server, tiny_llama_dir):
+    from server.engine.loader import parse_bytes
+
+    assert parse_bytes("4GiB") == 4 * 2**30 and parse_bytes("512MiB") == 2**29 and parse_bytes("2GB") == 2 * 10**9
+    # tiny Llama: 2 layers x 2 KV heads x 16 dims x keys and values x 4 bytes = 512 bytes a token
+    server = start_server("--model", str(tiny_llama_dir), "--kv-cache-memory", "512KiB", "--served-model-name", "t")
+    body = {"model": "t", "prompt": "Hello", "max_tokens": 300, "temperature": 0}
+    assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
+    r = httpx.post(server.url + "/v1/completions", json={**body, "n": 4}, timeout=60)  # 4 rows x 302 > 1024 tokens
+    assert r.status_code == 400 and "max_batch_tokens=1024" in r.json()["error"]["message"]
+    too_small = run_server("--model", str(tiny_llama_dir), "--kv-cache-memory", "64KiB")
+    assert too_small.returncode != 0 and "--kv-cache-memory 64KiB holds 128 tokens" in too_small.stderr

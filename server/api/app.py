@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,11 +11,13 @@ from fastapi import FastAPI
 
 from ..config import Settings
 from ..engine.engine import Engine, EngineConfig
-from ..engine.loader import ModelLoadError, load
+from ..engine.loader import ModelLoadError, kv_bytes_per_token, load, parse_bytes
 from ..families import FAMILIES
 from .errors import install_handlers
 from .routes import router
 from .serving import ModelInfo, OpenAIServing
+
+log = logging.getLogger(__name__)
 
 
 def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
@@ -24,11 +27,22 @@ def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
     max_model_len = settings.max_model_len or model_len
     if max_model_len > model_len:
         raise ModelLoadError(f"--max-model-len {max_model_len} is longer than the model's context ({model_len})")
+    max_batch_tokens = settings.max_batch_tokens
+    if settings.kv_cache_memory:
+        per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
+        max_batch_tokens = min(max_batch_tokens, parse_bytes(settings.kv_cache_memory) // per_token)
+        if max_batch_tokens < max_model_len:
+            raise ModelLoadError(
+                f"--kv-cache-memory {settings.kv_cache_memory} holds {max_batch_tokens} tokens ({per_token} bytes each), "
+                f"fewer than one full-length request ({max_model_len}); raise it or lower --max-model-len"
+            )
+        log.info("KV cache budget: %s = %d tokens of %d bytes", settings.kv_cache_memory, max_batch_tokens, per_token)
     config = EngineConfig(
         max_model_len=max_model_len,
         max_batch_size=settings.max_batch_size,
-        max_batch_tokens=max(settings.max_batch_tokens, max_model_len),
+        max_batch_tokens=max(max_batch_tokens, max_model_len),
         max_waiting=settings.max_waiting,
+        prefill_chunk=settings.prefill_chunk,
         eos_token_ids=loaded.family.eos_token_ids,
     )
     info = ModelInfo(

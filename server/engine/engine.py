@@ -18,7 +18,7 @@ from .beam import BeamSearch
 from .detokenizer import IncrementalDetokenizer
 from .params import InvalidRequest, QueueFullError, SamplingParams
 from .request import Request, RequestOutput, Sequence, SeqOutput, TokenLogprob
-from .runner import ModelRunner
+from .runner import ModelRunner, Prefill
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class EngineConfig:
     max_batch_size: int = 64
     max_batch_tokens: int = 131072
     max_waiting: int = 256
+    prefill_chunk: int = 256  # prompt tokens fed per step while streams run
     eos_token_ids: tuple[int, ...] = ()  # end tokens besides the model's and tokenizer's (a family's)
 
 
@@ -70,6 +71,7 @@ class Engine:
         self.scheduler = Scheduler(config.max_batch_size, config.max_batch_tokens)
         self.eos_ids = eos_token_ids(model, tokenizer) | set(config.eos_token_ids)
         self.batch: Batch | None = None
+        self.prefill: Prefill | None = None  # admitted prompts not yet fully fed
         self._cv = threading.Condition()
         self._inbox: list[Request] = []
         self._aborts: set[str] = set()
@@ -154,21 +156,38 @@ class Engine:
                     self._fail_running(f"{type(e).__name__}: {e}")
 
     def step(self) -> None:
-        """One engine step: admit and prefill new requests, or decode one token for every row."""
-        admitted = self.scheduler.schedule()
-        if admitted:
-            for r in admitted:
-                r.sequences = [self._new_sequence(r, i) for i in range(r.num_rows)]
-                if r.params.num_beams > 1:
-                    r.beam = BeamSearch(r, self.tokenizer, self.eos_ids)
-            batch, logits = self.runner.prefill(admitted)
-            self._advance(batch, logits)
-            if self.batch is None:
-                self.batch = batch
-            else:
-                self.batch.extend(batch)
-        elif self.batch is not None:
+        """One engine step: decode one token for every running row, and feed the prompts being prefilled one
+        chunk (admitting new requests when no prefill is under way). Long prompts thus join over several steps
+        while the running streams keep getting tokens; a prompt that fits in a chunk joins at once."""
+        if self.prefill is None:
+            admitted = self.scheduler.schedule()
+            if admitted:
+                for r in admitted:
+                    r.sequences = [self._new_sequence(r, i) for i in range(r.num_rows)]
+                    if r.params.num_beams > 1:
+                        r.beam = BeamSearch(r, self.tokenizer, self.eos_ids)
+                self.prefill = self.runner.start_prefill(admitted)
+        if self.batch is not None:
             self._advance(self.batch, self.runner.decode(self.batch))
+            self._evict_finished()
+        if self.prefill is not None:
+            # tokens per step across the prompts; with no stream running nobody waits, so feed them whole
+            rows = len(self.prefill.requests)
+            chunk = max(16, self.config.prefill_chunk // rows) if self.batch is not None else self.prefill.ids.shape[1]
+            done = self.runner.prefill_step(self.prefill, chunk)
+            if done is not None:
+                self.prefill = None
+                batch, logits = done
+                live = [i for i, s in enumerate(batch.seqs) if not s.finished]  # aborted while prefilling
+                if len(live) < len(batch):
+                    batch.select(live)
+                    logits = logits[live]
+                if len(batch):
+                    self._advance(batch, logits)
+                    if self.batch is None:
+                        self.batch = batch
+                    else:
+                        self.batch.extend(batch)
         self._evict_finished()
 
     def _advance(self, batch: Batch, logits) -> None:
@@ -269,6 +288,7 @@ class Engine:
             self.scheduler.remove(r)
             self._requests.pop(r.request_id, None)
         self.batch = None
+        self.prefill = None
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:

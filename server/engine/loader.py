@@ -123,6 +123,29 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
     return out
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '512MiB', '2GB', '1000000' -> bytes"""
+    number = text.strip().rstrip("bBiI").rstrip("kKmMgGtT")
+    unit = text.strip()[len(number):].strip().lower()
+    try:
+        return int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError) as e:
+        raise ModelLoadError(f"{text!r} is not a size: write it like 4GiB, 512MiB or 2GB") from e
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Keys and values of one token over every layer."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = text.num_hidden_layers
+    heads = getattr(text, "num_attention_heads")
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 def quantization_config(kind: str, dtype: torch.dtype) -> Any:
     """bitsandbytes 8-bit or 4-bit (NF4) weights, as the seeds' `load_in_8bit=True`; CUDA only."""
     if not torch.cuda.is_available():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,6 +13,18 @@ from .batch import Batch
 from .request import Request, TokenLogprob
 from .processors import process_logits
 from .sampling import sample, token_logprobs
+
+
+@dataclass
+class Prefill:
+    """Prompts being prefilled a chunk at a time: left-padded to one width, with a cache of their own until
+    they join the running batch."""
+
+    requests: list[Request]
+    ids: torch.Tensor  # (rows, width)
+    mask: torch.Tensor  # (rows, width): 1 = prompt token
+    cache: DynamicCache
+    done: int = 0  # columns fed so far
 
 
 class ModelRunner:
@@ -33,27 +46,43 @@ class ModelRunner:
         logits = self.model(input_ids=input_ids, **kwargs).logits
         return logits.float() if all_logits else logits[:, -1, :].float()
 
-    @torch.inference_mode()
-    def prefill(self, requests: list[Request]) -> tuple[Batch, torch.Tensor]:
-        """Run the prompts (left-padded, one row per request); return their batch and last logits."""
+    def start_prefill(self, requests: list[Request]) -> Prefill:
+        """Left-pad the prompts to one width (one row per request); `prefill_step` then feeds them in chunks."""
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.zeros((len(requests), width), dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
         for i, r in enumerate(requests):
             ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        return Prefill(requests, ids.to(self.device), mask.to(self.device), DynamicCache())
+
+    def prefill(self, requests: list[Request]) -> tuple[Batch, torch.Tensor]:
+        """The whole prefill in one forward."""
+        p = self.start_prefill(requests)
+        return self.prefill_step(p, p.ids.shape[1])
+
+    @torch.inference_mode()
+    def prefill_step(self, p: Prefill, chunk: int) -> tuple[Batch, torch.Tensor] | None:
+        """Feed the next `chunk` columns of the prompts; when the last one is in, return their batch and the
+        logits of each row's last position. Prompt log-probabilities (echo) need every position's logits at
+        once, so such a prefill runs whole."""
+        requests = p.requests
         wants = [r.params.prompt_logprobs is not None for r in requests]
-        logits = self._forward(ids, mask, positions, cache, all_logits=any(wants))
+        width = p.ids.shape[1]
+        end = width if any(wants) else min(width, p.done + chunk)
+        positions = (p.mask.cumsum(dim=1) - 1).clamp(min=0)
+        logits = self._forward(p.ids[:, p.done : end], p.mask[:, :end], positions[:, p.done : end], p.cache,
+                               all_logits=any(wants))
+        p.done = end
+        if end < width:
+            return None
         if any(wants):
-            for r, want, row_logits, row_ids in zip(requests, wants, logits, ids, strict=True):
+            for r, want, row_logits, row_ids in zip(requests, wants, logits, p.ids, strict=True):
                 if want:
                     r.prompt_logprobs = self._prompt_logprobs(row_logits, row_ids, len(r.prompt_ids), r.params.prompt_logprobs)
             logits = logits[:, -1, :]
-        lengths = mask.sum(dim=1)
-        batch = Batch([r.sequences[0] for r in requests], cache, mask, lengths, torch.zeros_like(lengths))
+        lengths = p.mask.sum(dim=1)
+        batch = Batch([r.sequences[0] for r in requests], p.cache, p.mask, lengths, torch.zeros_like(lengths))
         rows = [i for i, r in enumerate(requests) for _ in r.sequences]
         if len(rows) > len(requests):  # n > 1: every choice starts from its request's prefilled cache row
             batch.select(rows)

@@ -119,3 +119,40 @@ def test_stop_string_and_eos(model_and_engine, tokenizer):
     texts, tokens, finish = asyncio.run(collect(engine, ids, SamplingParams(max_tokens=16, temperature=0.0, stop=(stop,)), "stop"))
     assert texts[0] == full[: full.index(stop)]
     assert finish[0] == "stop"
+
+
+def test_long_prompts_join_in_chunks_while_streams_run(model_and_engine, tokenizer):
+    """A long prompt is fed 16 tokens a step: the running stream keeps getting a token every step meanwhile,
+    and chunking changes no output."""
+    model, _ = model_and_engine
+    engine = Engine(model, tokenizer, torch.device("cpu"), EngineConfig(max_model_len=256, max_batch_size=16, prefill_chunk=48))
+    engine.start()
+    short = tokenizer("Once upon a time")["input_ids"]
+    long = [tokenizer(" ".join(PROMPTS * k))["input_ids"][:90 + 7 * k] for k in range(1, 4)]
+    events: list[str] = []
+
+    async def watch(ids, params, rid):
+        tokens = []
+        async for out in engine.generate(ids, params, rid):
+            events.append(rid)
+            tokens += [t for o in out.outputs for t in o.token_ids]
+        return tokens
+
+    async def scenario():
+        stream = asyncio.create_task(watch(short, SamplingParams(max_tokens=60, temperature=0.0), "stream"))
+        while "stream" not in events:
+            await asyncio.sleep(0.001)
+        joined = await asyncio.gather(*[watch(x, SamplingParams(max_tokens=8, temperature=0.0), f"long{i}")
+                                        for i, x in enumerate(long)])
+        return await stream, joined
+
+    try:
+        streamed, joined = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert streamed == hf_greedy(model, short, 60)
+    for x, got in zip(long, joined, strict=True):
+        assert got == hf_greedy(model, x, 8)
+    # the three prompts (111 columns once padded) took 7 steps of 16 columns; the stream got a token in each
+    first_long = min(events.index(f"long{i}") for i in range(3))
+    assert events[:first_long].count("stream") >= 7
