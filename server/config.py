@@ -28,7 +28,7 @@ class Settings:
     max_batch_tokens: int = 131072
     max_waiting: int = 256
     kv_cache_memory: str | None = None
-    prefill_chunk: int = 256
+    prefill_chunk: int = 64
     log_level: str = "info"
     model_family: str = "auto"
     chat_template: str | None = None

@@ -93,3 +93,8 @@ def test_generation_config_defaults_are_read(family_models):
     loaded = load(Settings(model=str(family_models["polylm-chat"])))
     assert loaded.generation_defaults == {"num_beams": 4, "early_stopping": True}
     assert load(Settings(model=str(family_models["polylm-chat"]), generation_config="none")).generation_defaults == {}
+
+
+def test_the_gguf_default_model_runs_in_bf16_where_the_cpu_can():
+    print(f"this CPU computes bf16 natively: {cpu_has_bf16()}")
+    assert load(Settings()).dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)

@@ -36,7 +36,7 @@ class EngineConfig:
     max_batch_size: int = 64
     max_batch_tokens: int = 131072
     max_waiting: int = 256
-    prefill_chunk: int = 256  # prompt tokens fed per step while streams run
+    prefill_chunk: int = 64  # prompt tokens fed per step while streams run
     eos_token_ids: tuple[int, ...] = ()  # end tokens besides the model's and tokenizer's (a family's)
 
 

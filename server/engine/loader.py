@@ -101,8 +101,8 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str, device: torch.device, checkpoint: torch.dtype | None = None) -> torch.dtype:
-    """auto: on GPU the checkpoint's half precision (bf16 where supported, else fp16); on CPU a bf16
-    checkpoint stays bf16 where the CPU computes in bf16 natively (avx512_bf16, AMX), everything else fp32."""
+    """auto: on GPU the checkpoint's half precision (bf16 where supported, else fp16); on CPU a bf16 (or GGUF)
+    checkpoint runs in bf16 where the CPU computes in bf16 natively (avx512_bf16, AMX), everything else in fp32."""
     if dtype != "auto":
         return DTYPES[dtype]
     if device.type == "cuda":
@@ -277,6 +277,9 @@ def load(settings: Settings) -> Loaded:
     spread = settings.device_map is not None or settings.quantization != "none"
     dev = resolve_device(settings.device)
     checkpoint_dtype = getattr(config, "dtype", None)
+    if settings.model is None or settings.model.endswith(".gguf"):
+        # GGUF weights are quantized (4 to 8 bits): bf16 holds them as well as fp32 does, in half the bytes
+        checkpoint_dtype = torch.bfloat16
     dtype = resolve_dtype(settings.dtype, dev, checkpoint_dtype if isinstance(checkpoint_dtype, torch.dtype) else None)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": settings.trust_remote_code}
     if settings.quantization != "none":

@@ -35,9 +35,13 @@ PROMPTS = [
 ]
 
 
-def test_greedy_output_does_not_depend_on_batching(default_server):
+def test_greedy_output_does_not_depend_on_batching(start_server):
+    # In fp32. In bf16 (the default for this model on CPUs with native bf16) a matrix product's rounding depends
+    # on the batch shape, so a greedy answer may change with what runs beside it, as in any bf16 server.
+    server = start_server("--dtype", "float32")
+
     async def scenario():
-        async with httpx.AsyncClient(base_url=default_server.url, timeout=120) as c:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
             def req(p):
                 return c.post("/v1/completions", json={"prompt": p, "max_tokens": 32, "temperature": 0})
             alone = [(await req(p)).json()["choices"][0]["text"] for p in PROMPTS]
