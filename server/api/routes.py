@@ -72,7 +72,7 @@ async def list_models(raw: Request, s: Serving) -> JSONResponse:
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, raw: Request, s: Serving) -> JSONResponse:
     """Describe the served model."""
-    if model_id != s.model_name:
+    if model_id != s.info.name:
         raise APIError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
     return JSONResponse(_model_card(s, raw.app.state.started))
 

@@ -43,18 +43,16 @@ class OpenAIServing:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.info = info
-        self.model_name = info.name
-        self.max_model_len = info.max_model_len
         self.logprobs = LogprobFormatter(self.tokenizer)
         # The family's own formats are plain text, tokenized like a completion prompt (as the seeds do); a model's
         # Hugging Face template writes its special tokens itself.
-        own = info.family.chat_template is not None and self.tokenizer.chat_template == info.family.chat_template
-        self.chat_special_tokens = own
+        family_template = info.family.chat_template
+        self.chat_special_tokens = family_template is not None and self.tokenizer.chat_template == family_template
 
     # -- requests -> engine ----------------------------------------------------------------
     def _check_model(self, req: _Request) -> None:
-        if req.model is not None and req.model != self.model_name:
-            raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{self.model_name}'", "model", "model_not_found")
+        if req.model is not None and req.model != self.info.name:
+            raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{self.info.name}'", "model", "model_not_found")
 
     def _with_defaults(self, req: R) -> R:
         """Fill the fields a request left unset from the model's generation_config; set fields always win.
@@ -77,10 +75,10 @@ class OpenAIServing:
 
     def _params(self, req: _Request, max_tokens: int | None, prompt_len: int) -> SamplingParams:
         if max_tokens is None:
-            max_tokens = self.max_model_len - prompt_len
+            max_tokens = self.info.max_model_len - prompt_len
             if max_tokens < 1:
                 raise InvalidRequest(
-                    f"This model's maximum context length is {self.max_model_len} tokens, and the prompt has {prompt_len}: no room for a completion.",
+                    f"This model's maximum context length is {self.info.max_model_len} tokens, and the prompt has {prompt_len}: no room for a completion.",
                     "messages",
                 )
         num_beams = self._num_beams(req)
@@ -165,7 +163,7 @@ class OpenAIServing:
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest(
-                f"the model '{self.model_name}' ({self.info.family.title}) has no chat template: send a prompt to "
+                f"the model '{self.info.name}' ({self.info.family.title}) has no chat template: send a prompt to "
                 "/v1/completions instead, or start the server with --chat-template FILE",
                 "messages",
             )
@@ -186,7 +184,7 @@ class OpenAIServing:
             for s in streams:
                 self.engine.abort(s.request_id)
             raise
-        return Job(rid, int(time.time()), self.model_name, streams, sum(map(len, prompts)), params[0].n)
+        return Job(rid, int(time.time()), self.info.name, streams, sum(map(len, prompts)), params[0].n)
 
     # -- endpoints ------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:

@@ -223,12 +223,16 @@ def _config(source: Path | str, model: str | None, trust_remote_code: bool) -> A
         raise ModelLoadError(f"could not load model {model!r}: {e}") from e
 
 
+def _has_sentencepiece(source: Path | str) -> bool:
+    """A local folder whose tokenizer is a SentencePiece `tokenizer.model` (PolyLM's kind)."""
+    return isinstance(source, Path) and (source / "tokenizer.model").exists()
+
+
 def _tokenizer(source: Path | str, family: Family, trust_remote_code: bool) -> Any:
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **family.tokenizer_kwargs)
     except Exception as e:
-        sentencepiece = isinstance(source, Path) and (source / "tokenizer.model").exists()
-        if sentencepiece and importlib.util.find_spec("google.protobuf") is None:
+        if _has_sentencepiece(source) and importlib.util.find_spec("google.protobuf") is None:
             # Without protobuf transformers falls back to a tiktoken reader and reports that instead.
             raise ModelLoadError(
                 f"the tokenizer of {source} is a SentencePiece model (tokenizer.model) that transformers converts "
@@ -264,8 +268,7 @@ def load(settings: Settings) -> Loaded:
     source, name = _source(settings.model)
     config = _config(source, settings.model, settings.trust_remote_code)
     if settings.model_family == "auto":
-        sentencepiece = isinstance(source, Path) and (source / "tokenizer.model").exists()
-        family = detect(config, [settings.model or name, str(source)], sentencepiece)
+        family = detect(config, [settings.model or name, str(source)], _has_sentencepiece(source))
     else:
         family = FAMILIES[settings.model_family]
     tokenizer = _tokenizer(source, family, settings.trust_remote_code)

@@ -23,6 +23,7 @@ class Prefill:
     requests: list[Request]
     ids: torch.Tensor  # (rows, width)
     mask: torch.Tensor  # (rows, width): 1 = prompt token
+    positions: torch.Tensor  # (rows, width): each token's position in its own prompt
     cache: DynamicCache
     done: int = 0  # columns fed so far
 
@@ -54,7 +55,8 @@ class ModelRunner:
         for i, r in enumerate(requests):
             ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids) :] = 1
-        return Prefill(requests, ids.to(self.device), mask.to(self.device), DynamicCache())
+        mask = mask.to(self.device)
+        return Prefill(requests, ids.to(self.device), mask, (mask.cumsum(dim=1) - 1).clamp(min=0), DynamicCache())
 
     def prefill(self, requests: list[Request]) -> tuple[Batch, torch.Tensor]:
         """The whole prefill in one forward."""
@@ -70,8 +72,7 @@ class ModelRunner:
         wants = [r.params.prompt_logprobs is not None for r in requests]
         width = p.ids.shape[1]
         end = width if any(wants) else min(width, p.done + chunk)
-        positions = (p.mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits = self._forward(p.ids[:, p.done : end], p.mask[:, :end], positions[:, p.done : end], p.cache,
+        logits = self._forward(p.ids[:, p.done : end], p.mask[:, :end], p.positions[:, p.done : end], p.cache,
                                all_logits=any(wants))
         p.done = end
         if end < width:
