@@ -1,15 +1,15 @@
 """The running batch: rows left-padded to one timeline, with one KV cache for all of them.
 
-Rows join (concatenate, re-padding on the left), leave (filter), and can be duplicated or
-reordered (select): the cache rows follow. Every row's next position is tracked, so models
-with absolute or rotary positions see the same positions whatever the padding.
+Rows join (extend, re-padding on the left), leave (drop, filled from the end), and can be duplicated or
+reordered (select): the cache rows follow, moved in place (kvcache.py). Every row's next position is tracked, so
+models with absolute or rotary positions see the same positions whatever the padding.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
+from .kvcache import KVCache
 from .request import Sequence
 
 
@@ -26,7 +26,7 @@ class Batch:
     def __init__(
         self,
         seqs: list[Sequence],
-        cache: DynamicCache,
+        cache: KVCache,
         attention_mask: torch.Tensor,  # (rows, cached tokens): 1 = real token, 0 = padding
         positions: torch.Tensor,  # (rows,): position of each row's next token
         next_tokens: torch.Tensor,  # (rows,): the token each row feeds next
@@ -44,32 +44,41 @@ class Batch:
     def width(self) -> int:
         return self.attention_mask.shape[1]
 
-    def _kv(self) -> list:
-        return [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None]
-
+    @torch.inference_mode()
     def select(self, indices: list[int]) -> None:
-        """Keep (or repeat, or reorder) rows by index; trim padding columns no row needs any more."""
-        idx = torch.tensor(indices, dtype=torch.long, device=self.attention_mask.device)
+        """Row i takes row indices[i]'s place: keep, repeat or reorder rows. Padding columns that no row needs
+        any more are trimmed."""
+        device = self.attention_mask.device
+        idx = torch.tensor(indices, dtype=torch.long, device=device)
         self.seqs = [self.seqs[i] for i in indices]
         mask = self.attention_mask.index_select(0, idx)
         used = mask.any(dim=0).nonzero()
-        start = int(used[0]) if used.numel() else mask.shape[1]
-        self.attention_mask = mask[:, start:]
+        trim = int(used[0]) if used.numel() else mask.shape[1]
+        self.attention_mask = mask[:, trim:]
         self.positions = self.positions.index_select(0, idx)
         self.next_tokens = self.next_tokens.index_select(0, idx)
-        for layer in self._kv():
-            layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
-            layer.values = layer.values.index_select(0, idx)[:, :, start:]
+        moved = [(i, j) for i, j in enumerate(indices) if i != j]
+        dst = torch.tensor([i for i, _ in moved], dtype=torch.long, device=device)
+        src = torch.tensor([j for _, j in moved], dtype=torch.long, device=device)
+        for layer in self.cache.live_layers():
+            layer.move_rows(dst, src, len(indices), trim)
 
+    def drop(self, rows: list[int]) -> None:
+        """Remove rows; the last rows move into the holes, so only as many cache rows are copied as leave."""
+        gone = set(rows)
+        keep = len(self) - len(gone)
+        fillers = iter([i for i in range(keep, len(self)) if i not in gone])
+        self.select([i if i not in gone else next(fillers) for i in range(keep)])
+
+    @torch.inference_mode()
     def extend(self, other: Batch) -> None:
-        """Join another batch's rows to this one, padding the shorter timeline on the left."""
+        """Join another batch's rows after this one's, padding the shorter timeline on the left."""
         width = max(self.width, other.width)
         self.attention_mask = torch.cat(
             [_pad_left(self.attention_mask, width, 1), _pad_left(other.attention_mask, width, 1)]
         )
-        for mine, theirs in zip(self._kv(), other._kv(), strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
-            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+        for mine, theirs in zip(self.cache.live_layers(), other.cache.live_layers(), strict=True):
+            mine.append_rows(theirs, width)
         self.seqs = self.seqs + other.seqs
         self.positions = torch.cat([self.positions, other.positions])
         self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])

@@ -198,6 +198,8 @@ class Engine:
         for row, seq in enumerate(batch.seqs):
             if seq.request.beam is not None:
                 groups.setdefault(seq.request, []).append(row)
+        for rows in groups.values():  # rows move when others leave: slot i is the sequence with index i
+            rows.sort(key=lambda row: batch.seqs[row].index)
         if groups:
             order = list(range(len(batch)))
             for request, rows in groups.items():
@@ -267,11 +269,11 @@ class Engine:
             self.scheduler.remove(r)
             self._requests.pop(r.request_id, None)
         if self.batch is not None:
-            keep = [i for i, s in enumerate(self.batch.seqs) if not s.finished]
-            if not keep:
+            gone = [i for i, s in enumerate(self.batch.seqs) if s.finished]
+            if len(gone) == len(self.batch):
                 self.batch = None
-            elif len(keep) < len(self.batch):
-                self.batch.select(keep)
+            elif gone:
+                self.batch.drop(gone)
 
     def _drop(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)

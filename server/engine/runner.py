@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from .batch import Batch
+from .kvcache import KVCache
 from .request import Request, TokenLogprob
 from .processors import process_logits
 from .sampling import sample, token_logprobs
@@ -24,7 +24,7 @@ class Prefill:
     ids: torch.Tensor  # (rows, width)
     mask: torch.Tensor  # (rows, width): 1 = prompt token
     positions: torch.Tensor  # (rows, width): each token's position in its own prompt
-    cache: DynamicCache
+    cache: KVCache
     done: int = 0  # columns fed so far
 
 
@@ -56,7 +56,7 @@ class ModelRunner:
             ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids) :] = 1
         mask = mask.to(self.device)
-        return Prefill(requests, ids.to(self.device), mask, (mask.cumsum(dim=1) - 1).clamp(min=0), DynamicCache())
+        return Prefill(requests, ids.to(self.device), mask, (mask.cumsum(dim=1) - 1).clamp(min=0), KVCache(width))
 
     def prefill(self, requests: list[Request]) -> tuple[Batch, torch.Tensor]:
         """The whole prefill in one forward."""

@@ -70,3 +70,33 @@ def test_leave_trims_padding_and_n_rows_share_a_prefill(runner):
     ref = alone(runner, short, logits[1].argmax().item(), 2)
     torch.testing.assert_close(after[0], ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(after[1], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cache_written_in_place_survives_leaves_wider_joins_and_growth(runner):
+    """Rows leave from the middle (the last rows move into their places), a batch with a wider timeline joins
+    (the cache opens columns on the left), and decoding runs past the spare columns (the cache reallocates):
+    every row still matches the same prompt decoded alone."""
+    prompts = [[5 + i, 6 + i, 7 + i] for i in range(6)]
+    batch, logits = runner.prefill([make(p) for p in prompts])
+    batch.next_tokens = logits.argmax(-1)
+    firsts = {tuple(p): t for p, t in zip(prompts, logits.argmax(-1).tolist(), strict=True)}
+    layer = batch.cache.layers[0]
+    buffer = layer.kbuf
+    step(runner, batch, 2)
+    assert layer.kbuf is buffer  # two more columns fit: written in place
+    batch.drop([1, 2])
+    assert [s.request.prompt_ids for s in batch.seqs] == [prompts[0], prompts[4], prompts[5], prompts[3]]
+    wide = [[20 + i for i in range(12)], [40, 41]]
+    other, other_logits = runner.prefill([make(p) for p in wide])
+    other.next_tokens = other_logits.argmax(-1)
+    firsts.update({tuple(p): t for p, t in zip(wide, other_logits.argmax(-1).tolist(), strict=True)})
+    batch.extend(other)
+    assert batch.width == 12 and layer.width == 12
+    steps = 40  # past the 32 spare columns
+    out = step(runner, batch, steps)
+    assert layer.kbuf is not buffer and layer.width == batch.width
+    done = {tuple(p): 2 + steps for p in prompts} | {tuple(p): steps for p in wide}
+    for row, seq in enumerate(batch.seqs):
+        ids = seq.request.prompt_ids
+        ref = alone(runner, ids, firsts[tuple(ids)], done[tuple(ids)])
+        torch.testing.assert_close(out[row], ref, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,119 @@
+"""The KV cache, written in place.
+
+transformers' DynamicCache concatenates every layer's keys and values at every step: a copy of the whole cache
+for each token generated. Here each layer keeps its keys and values in buffers with spare rows and columns:
+
+    buffer (row slots, heads, columns, head size); live region rows [0, rows), columns [start, end)
+
+A decode step writes one column. Rows that join are copied in once; a row that leaves is replaced by one from the
+end (one row copied); the buffers are reallocated, with room to spare, only when they run out. The live region is
+what attention sees, so padding columns outside it cost nothing; the values left behind in spare slots are finite
+(zeros or old keys), so masked positions stay exact zeros in attention.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+def _spare(columns: int) -> int:
+    return max(32, columns // 4)
+
+
+def _slots(rows: int) -> int:
+    return rows + max(4, rows // 4)
+
+
+class InPlaceLayer(DynamicLayer):
+    def __init__(self, columns: int = 0) -> None:
+        super().__init__()
+        self.columns = columns  # columns to allocate at first (a prefill knows its width)
+        self.kbuf: torch.Tensor | None = None
+        self.vbuf: torch.Tensor | None = None
+        self.rows = 0
+        self.start = self.end = 0
+
+    @property
+    def width(self) -> int:
+        return self.end - self.start
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        rows, heads, n, dim = key_states.shape
+        cols = max(self.columns, n + _spare(n))
+        self.kbuf = key_states.new_zeros((rows, heads, cols, dim))
+        self.vbuf = value_states.new_zeros((rows, value_states.shape[1], cols, value_states.shape[3]))
+        self.rows = rows
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[2]
+        if self.end + n > self.kbuf.shape[2]:
+            self.reallocate(self.rows, self.width + n + _spare(self.width + n))
+        self.kbuf[: self.rows, :, self.end : self.end + n].copy_(key_states)
+        self.vbuf[: self.rows, :, self.end : self.end + n].copy_(value_states)
+        self.end += n
+        self._view()
+        return self.keys, self.values
+
+    def _view(self) -> None:
+        self.keys = self.kbuf[: self.rows, :, self.start : self.end]
+        self.values = self.vbuf[: self.rows, :, self.start : self.end]
+
+    def get_seq_length(self) -> int:
+        return self.width
+
+    def reallocate(self, row_slots: int, columns: int, left: int = 0) -> None:
+        """New buffers of `row_slots` x `columns`; the live region moves to start at column `left`."""
+        rows, width = self.rows, self.width
+        for name in ("kbuf", "vbuf"):
+            old = getattr(self, name)
+            new = old.new_zeros((row_slots, old.shape[1], columns, old.shape[3]))
+            new[:rows, :, left : left + width] = old[:rows, :, self.start : self.end]
+            setattr(self, name, new)
+        self.start, self.end = left, left + width
+        self._view()
+
+    def move_rows(self, dst: torch.Tensor, src: torch.Tensor, rows: int, trim: int) -> None:
+        """Row dst[i] takes row src[i]'s content; `rows` rows stay live; the first `trim` columns are dropped."""
+        if rows > self.kbuf.shape[0]:
+            self.reallocate(_slots(rows), self.kbuf.shape[2], self.start)
+        if dst.numel():
+            for buf in (self.kbuf, self.vbuf):
+                live = buf[:, :, self.start : self.end]
+                live.index_copy_(0, dst, live.index_select(0, src))
+        self.rows = rows
+        self.start += trim
+        self._view()
+
+    def append_rows(self, other: InPlaceLayer, width: int) -> None:
+        """Add `other`'s rows after ours, both right-aligned on a timeline of `width` columns (>= both widths)."""
+        rows = self.rows + other.rows
+        left = width - self.width  # columns to open before our live region
+        if rows > self.kbuf.shape[0] or left > self.start:
+            slots = max(_slots(rows), self.kbuf.shape[0])
+            self.reallocate(slots, width + _spare(width), left)
+        self.start -= left
+        for mine, theirs in ((self.kbuf, other.keys), (self.vbuf, other.values)):
+            mine[self.rows : rows, :, self.end - theirs.shape[2] : self.end] = theirs
+            # columns before their live region: whatever a former row left there (finite), masked out
+        self.rows = rows
+        self._view()
+
+
+class KVCache(DynamicCache):
+    """A DynamicCache (as far as the model sees) whose layers write in place."""
+
+    def __init__(self, width: int = 0) -> None:
+        """`width`: the tokens the first forward brings (a prefill's prompt width), to allocate once."""
+        super().__init__()
+        self.layer_class_to_replicate = functools.partial(InPlaceLayer, width + _spare(width))
+
+    def live_layers(self) -> list[InPlaceLayer]:
+        return [layer for layer in self.layers if isinstance(layer, InPlaceLayer) and layer.is_initialized]
