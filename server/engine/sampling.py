@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 SHORTLIST = 1024  # top-k/top-p look here first; the full sort runs only if the nucleus is not inside
+BLOCK = 256  # the inverse-CDF draw sums blocks of this many tokens, then scans one block
 
 
 def truncate(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -31,11 +32,11 @@ def sample(
     """Next token per row. Rows with temperature 0 take the argmax; the others are drawn from
     softmax(logits / temperature) after top-k/top-p and min-p, by inverse CDF with one uniform number per
     row, from the row's own generator when it has one (a seeded row draws the same whatever the batch)."""
-    tokens = logits.argmax(dim=-1)
     rows = (temperature > 0).nonzero().squeeze(1)
     if rows.numel() == 0:
-        return tokens
-    probs = (logits[rows].float() / temperature[rows].unsqueeze(1)).softmax(dim=-1)
+        return logits.argmax(dim=-1)
+    every = rows.numel() == logits.shape[0]
+    probs = ((logits if every else logits[rows]).float() / temperature[rows].unsqueeze(1)).softmax(dim=-1)
     k, p = top_k[rows], top_p[rows]
     cut = ((k > 0) | (p < 1)).nonzero().squeeze(1)
     if cut.numel():
@@ -47,10 +48,30 @@ def sample(
     for i, row in enumerate(rows.tolist()):
         if generators[row] is not None:
             uniform[i] = torch.rand(1, dtype=torch.float64, generator=generators[row], device=logits.device)[0]
-    cdf = probs.double().cumsum(dim=-1)
-    drawn = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
-    tokens[rows] = drawn.clamp(max=probs.shape[-1] - 1)
+    drawn = inverse_cdf(probs, uniform)
+    if every:
+        return drawn
+    tokens = logits.argmax(dim=-1)
+    tokens[rows] = drawn
     return tokens
+
+
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The token where each row's cumulative probability passes uniform x total. A running sum over the whole
+    vocabulary is a slow sequential scan on CPU, so it runs over block sums first, then inside one block."""
+    rows, vocab = probs.shape
+    blocks = -(-vocab // BLOCK)
+    padded = torch.nn.functional.pad(probs, (0, blocks * BLOCK - vocab)).view(rows, blocks, BLOCK)
+    block_cdf = padded.sum(dim=-1).double().cumsum(dim=-1)
+    target = (uniform * block_cdf[:, -1]).unsqueeze(1)
+    block = torch.searchsorted(block_cdf, target, right=True).clamp(max=blocks - 1)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+    inside = padded.gather(1, block.unsqueeze(2).expand(rows, 1, BLOCK)).squeeze(1)
+    cdf = inside.double().cumsum(dim=-1)
+    drawn = torch.searchsorted(cdf, target - before, right=True)
+    # rounding can land past the block's last token; a token of zero probability is never drawn
+    last = (inside > 0).long().cumsum(dim=-1).argmax(dim=-1, keepdim=True)
+    return (block * BLOCK + torch.minimum(drawn, last)).squeeze(1)
 
 
 def token_logprobs(

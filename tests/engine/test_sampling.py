@@ -2,7 +2,7 @@
 
 import torch
 
-from server.engine.sampling import SHORTLIST, sample, truncate
+from server.engine.sampling import BLOCK, SHORTLIST, inverse_cdf, sample, truncate
 
 
 def params(rows, temperature=1.0, top_p=1.0, top_k=0):
@@ -71,3 +71,21 @@ def test_min_p_keeps_only_likely_tokens():
     t, p, k = params(2000)
     drawn = sample(logits, t, p, k, [None] * 2000, min_p=torch.full((2000,), 0.5))
     assert set(drawn.tolist()) == {0, 1}  # 0.15 and 0.05 are below 0.5 x 0.5
+
+
+def test_inverse_cdf_draws_by_blocks_exactly():
+    """The draw through block sums lands on the same token as one running sum over the whole vocabulary, on
+    vocabularies that do and don't fill the last block, with zero-probability tokens around block edges."""
+    torch.manual_seed(3)
+    for vocab in (BLOCK * 3, BLOCK * 3 + 17, 5):
+        probs = torch.rand(64, vocab) * (torch.rand(64, vocab) > 0.3)
+        probs[:, :BLOCK] = 0.0 if vocab > BLOCK else probs[:, :BLOCK]
+        probs[0] = 0.0
+        probs[0, -1] = 1.0  # all the mass on the very last token
+        uniform = torch.rand(64, dtype=torch.float64)
+        uniform[1] = 0.0
+        cdf = probs.double().cumsum(dim=-1)
+        expected = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        drawn = inverse_cdf(probs, uniform)
+        assert torch.equal(drawn, expected)
+        assert bool((probs.gather(1, drawn.unsqueeze(1)) > 0).all())
