@@ -29,6 +29,7 @@ class Settings:
     max_waiting: int = 256
     kv_cache_memory: str | None = None
     prefill_chunk: int = 64
+    fuse_prefill: bool = True
     log_level: str = "info"
     model_family: str = "auto"
     chat_template: str | None = None
@@ -59,6 +60,9 @@ HELP = {
     "chat_template": "a Jinja chat template file that replaces the family's or the model's template",
     "generation_config": "auto: the model's generation_config.json supplies defaults for fields a request leaves "
     "unset (e.g. num_beams=4); none: OpenAI's defaults",
+    "fuse_prefill": "run the running rows' decode and the prompt chunks in one forward, for models that pass a "
+    "start-up check (Llama, GPT-2 and other models on transformers' attention interface); --no-fuse-prefill runs "
+    "two forwards a step",
     "trust_remote_code": "allow models that ship their own Python code (such as PolyLM base checkpoints) to run it",
     "device_map": "spread the layers over devices with accelerate: auto, balanced, sequential (GPUs, then CPU)",
     "max_memory": "with --device-map, the memory per device, e.g. '0=20GiB,1=20GiB,cpu=64GiB'",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -43,6 +44,7 @@ def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
         max_batch_tokens=max(max_batch_tokens, max_model_len),
         max_waiting=settings.max_waiting,
         prefill_chunk=settings.prefill_chunk,
+        fuse_prefill=settings.fuse_prefill,
         eos_token_ids=loaded.family.eos_token_ids,
     )
     info = ModelInfo(
@@ -62,6 +64,10 @@ def create_app(settings: Settings, engine: Engine | None = None, info: ModelInfo
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # A full garbage collection walks every object the model and tokenizer made (about 400,000 for the
+        # default model: 0.2 s with every stream stalled). Move them out of the collector's sight, once.
+        gc.collect()
+        gc.freeze()
         engine.start()
         yield
         engine.stop()

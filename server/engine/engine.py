@@ -23,6 +23,8 @@ from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
+ATTENTION_DEPTH = 1024  # prompt tokens already fed past which a chunk's attention costs about as much again
+
 __all__ = ["Engine", "EngineConfig", "EngineError", "QueueFullError", "RequestStream"]
 
 
@@ -38,6 +40,7 @@ class EngineConfig:
     max_waiting: int = 256
     prefill_chunk: int = 64  # prompt tokens fed per step while streams run
     eos_token_ids: tuple[int, ...] = ()  # end tokens besides the model's and tokenizer's (a family's)
+    fuse_prefill: bool = True  # decode and prefill chunks in one forward, where the model passes the check
 
 
 class RequestStream:
@@ -71,7 +74,7 @@ class Engine:
         self.scheduler = Scheduler(config.max_batch_size, config.max_batch_tokens)
         self.eos_ids = eos_token_ids(model, tokenizer) | set(config.eos_token_ids)
         self.batch: Batch | None = None
-        self.prefill: Prefill | None = None  # admitted prompts not yet fully fed
+        self.prefills: list[Prefill] = []  # admitted prompts not yet fully fed, in groups
         self._cv = threading.Condition()
         self._inbox: list[Request] = []
         self._aborts: set[str] = set()
@@ -136,6 +139,10 @@ class Engine:
 
     # -- the engine thread ----------------------------------------------------------------
     def _loop(self) -> None:
+        if self.config.fuse_prefill:
+            # checked here: forwards run on another thread first leave this one's OpenMP team half as fast
+            fused = self.runner.enable_fused()
+            log.info("decode and prefill chunks: %s", "one forward" if fused else "two forwards (model not supported)")
         while True:
             with self._cv:
                 self._cv.wait_for(lambda: self._stopping or self._inbox or self._aborts or self.scheduler.has_work())
@@ -156,39 +163,63 @@ class Engine:
                     self._fail_running(f"{type(e).__name__}: {e}")
 
     def step(self) -> None:
-        """One engine step: decode one token for every running row, and feed the prompts being prefilled one
-        chunk (admitting new requests when no prefill is under way). Long prompts thus join over several steps
-        while the running streams keep getting tokens; a prompt that fits in a chunk joins at once."""
-        if self.prefill is None:
+        """One engine step: decode one token for every running row, and feed the prompts being prefilled their
+        next chunks, all in one forward where the model allows (fused.py). Prompts are admitted every step, in
+        groups of similar length (a group is padded to its longest prompt), and fed shortest-remaining first
+        within --prefill-chunk tokens a step, so long prompts join over several steps while the streams keep
+        getting tokens and short prompts do not wait behind them."""
+        if self.runner.fused or not self.prefills:  # two forwards a step: one group at a time
             admitted = self.scheduler.schedule()
-            if admitted:
-                for r in admitted:
-                    r.sequences = [self._new_sequence(r, i) for i in range(r.num_rows)]
-                    if r.params.num_beams > 1:
-                        r.beam = BeamSearch(r, self.tokenizer, self.eos_ids)
-                self.prefill = self.runner.start_prefill(admitted)
-        if self.batch is not None:
-            self._advance(self.batch, self.runner.decode(self.batch))
+            for r in admitted:
+                r.sequences = [self._new_sequence(r, i) for i in range(r.num_rows)]
+                if r.params.num_beams > 1:
+                    r.beam = BeamSearch(r, self.tokenizer, self.eos_ids)
+            self.prefills += [self.runner.start_prefill(group) for group in by_length(admitted)]
+        feeds = self._feeds()
+        if self.batch is not None and feeds and all(self.runner.can_fuse(p) for p, _ in feeds):
+            logits, done = self.runner.fused_step(self.batch, feeds)
+            self._advance(self.batch, logits)
             self._evict_finished()
-        if self.prefill is not None:
-            # tokens per step across the prompts; with no stream running nobody waits, so feed them whole
-            rows = len(self.prefill.requests)
-            chunk = max(16, self.config.prefill_chunk // rows) if self.batch is not None else self.prefill.ids.shape[1]
-            done = self.runner.prefill_step(self.prefill, chunk)
-            if done is not None:
-                self.prefill = None
-                batch, logits = done
-                live = [i for i, s in enumerate(batch.seqs) if not s.finished]  # aborted while prefilling
-                if len(live) < len(batch):
-                    batch.select(live)
-                    logits = logits[live]
-                if len(batch):
-                    self._advance(batch, logits)
-                    if self.batch is None:
-                        self.batch = batch
-                    else:
-                        self.batch.extend(batch)
+        else:
+            if self.batch is not None:
+                self._advance(self.batch, self.runner.decode(self.batch))
+                self._evict_finished()
+            feeds = feeds[:1]
+            done = [self.runner.prefill_step(p, chunk) for p, chunk in feeds]
+        for (p, _), result in zip(feeds, done, strict=True):
+            if result is not None:
+                self.prefills.remove(p)
+                self._join(*result)
         self._evict_finished()
+
+    def _feeds(self) -> list[tuple[Prefill, int]]:
+        """(prefill, columns to feed) for this step: fewest remaining tokens first, within the step's budget; with
+        no stream running nobody waits, so the first is fed whole."""
+        order = sorted(self.prefills, key=lambda p: (p.ids.shape[1] - p.done) * len(p.requests))
+        if self.batch is None:
+            return [(p, p.ids.shape[1]) for p in order[:1]]
+        feeds, budget = [], self.config.prefill_chunk
+        for p in order:
+            rows = len(p.requests)
+            # a chunk deep into a long prompt also attends to everything before it: fewer tokens per step there
+            chunk = min(p.ids.shape[1] - p.done, max(16, budget // rows // (1 + p.done // ATTENTION_DEPTH)))
+            feeds.append((p, chunk))
+            budget -= chunk * rows
+            if budget <= 0:
+                break
+        return feeds
+
+    def _join(self, batch: Batch, logits) -> None:
+        live = [i for i, s in enumerate(batch.seqs) if not s.finished]  # aborted while prefilling
+        if len(live) < len(batch):
+            batch.select(live)
+            logits = logits[live]
+        if len(batch):
+            self._advance(batch, logits)
+            if self.batch is None:
+                self.batch = batch
+            else:
+                self.batch.extend(batch)
 
     def _advance(self, batch: Batch, logits) -> None:
         """Choose every row's next token: sampled or greedy rows directly, beam rows by their search,
@@ -290,7 +321,19 @@ class Engine:
             self.scheduler.remove(r)
             self._requests.pop(r.request_id, None)
         self.batch = None
-        self.prefill = None
+        self.prefills = []
+
+
+def by_length(requests: list[Request]) -> list[list[Request]]:
+    """Requests in groups of similar prompt length: a group is padded to its longest, so a short prompt is not
+    fed (and kept waiting) as long as a long one."""
+    groups: list[list[Request]] = []
+    for r in sorted(requests, key=lambda r: len(r.prompt_ids)):
+        if groups and len(r.prompt_ids) <= 2 * len(groups[-1][0].prompt_ids) + 16:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:

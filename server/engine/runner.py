@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 
+from . import fused
 from .batch import Batch
 from .kvcache import KVCache
-from .request import Request, TokenLogprob
+from .params import SamplingParams
+from .request import Request, Sequence, TokenLogprob
 from .processors import process_logits
 from .sampling import sample, token_logprobs
 
@@ -36,6 +38,7 @@ class ModelRunner:
         # BLOOM uses ALiBi and takes no position ids; pass only what the model accepts.
         self.takes_positions = "position_ids" in accepted
         self.takes_logits_to_keep = "logits_to_keep" in accepted
+        self.fused = False  # set by enable_fused() when the model passes its check
 
     def _forward(self, input_ids, attention_mask, positions, cache, all_logits: bool = False) -> torch.Tensor:
         """Logits of the last position, (rows, vocab); of every position, (rows, tokens, vocab), if all_logits."""
@@ -82,6 +85,86 @@ class ModelRunner:
                 if want:
                     r.prompt_logprobs = self._prompt_logprobs(row_logits, row_ids, len(r.prompt_ids), r.params.prompt_logprobs)
             logits = logits[:, -1, :]
+        return self._prefilled(p, logits)
+
+    def enable_fused(self) -> bool:
+        """Fuse decode and prefill chunks into one forward if this model gives the same logits that way as through
+        two forwards (fused.py); otherwise keep two."""
+        previous = getattr(self.model.config, "_attn_implementation", None)
+        if previous != "sdpa":
+            return False
+        fused.enable(self.model)
+        try:
+            self.fused = self._fused_matches()
+        except Exception:  # a model whose attention does not take this path
+            self.fused = False
+        if not self.fused:
+            fused.disable(self.model, previous)
+        return self.fused
+
+    def _fused_matches(self) -> bool:
+        def requests(*prompts):
+            out = []
+            for ids in prompts:
+                r = Request("check", ids, SamplingParams(max_tokens=4, temperature=0.0), emit=lambda _: None)
+                r.sequences = [Sequence(r, 0, detok=None)]
+                out.append(r)
+            return out
+
+        running, first, second = ([1, 2, 3, 4, 5], [6, 7, 8]), ([9, 10, 11, 12, 13, 14, 15], [3, 4]), ([20, 21, 22],)
+        batch, logits = self.prefill(requests(*running))
+        tokens = [logits.argmax(-1)]
+        expected = []
+        for _ in range(2):
+            batch.next_tokens = tokens[-1]
+            expected.append(self.decode(batch))
+            tokens.append(expected[-1].argmax(-1))
+        expected += [self.prefill(requests(*second))[1], self.prefill(requests(*first))[1]]
+        batch, _ = self.prefill(requests(*running))
+        p1, p2 = self.start_prefill(requests(*first)), self.start_prefill(requests(*second))
+        batch.next_tokens = tokens[0]  # step 1: 4 of 7 columns of the first group, all of the second
+        decoded, done = self.fused_step(batch, [(p1, 4), (p2, 3)])
+        got = [decoded]
+        batch.next_tokens = tokens[1]  # step 2: the first group's last 3
+        decoded, done2 = self.fused_step(batch, [(p1, 4)])
+        got += [decoded, done[1][1], done2[0][1]]
+        return done[0] is None and all(torch.allclose(g, e, rtol=0.05, atol=0.05 * float(e.abs().max()))
+                                       for g, e in zip(got, expected, strict=True))
+
+    def can_fuse(self, p: Prefill) -> bool:
+        return self.fused and all(r.params.prompt_logprobs is None for r in p.requests)
+
+    @torch.inference_mode()
+    def fused_step(self, batch: Batch, feeds: list[tuple[Prefill, int]]) -> tuple[torch.Tensor, list]:
+        """`decode(batch)` and `prefill_step(p, chunk)` for each (p, chunk) in `feeds`, in one forward (fused.py):
+        the running rows' logits, and per prefill its batch and logits when this chunk was its last, else None."""
+        rows = len(batch)
+        batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones((rows, 1))], dim=1)
+        groups, ids, positions, keep, spans = [], [batch.next_tokens], [batch.positions], list(range(rows)), []
+        for p, chunk in feeds:
+            end = min(p.ids.shape[1], p.done + chunk)
+            size, first = end - p.done, sum(t.numel() for t in ids)
+            groups.append(fused.Group(p.cache, len(p.requests), size, fused.prefill_mask(p.mask, p.done, end)))
+            ids.append(p.ids[:, p.done : end].reshape(-1))
+            positions.append(p.positions[:, p.done : end].reshape(-1))
+            last = end == p.ids.shape[1]
+            if last:  # each prompt's last position
+                keep += [first + i * size + size - 1 for i in range(len(p.requests))]
+            spans.append((p, end, last))
+        step = fused.FusedStep(batch.cache, rows, batch.attention_mask.bool()[:, None, None, :], groups)
+        logits = fused.forward(self.model, step, torch.cat(ids).unsqueeze(0),
+                               torch.cat(positions).unsqueeze(0) if self.takes_positions else None,
+                               torch.tensor(keep, device=self.device))
+        batch.positions = batch.positions + 1
+        done, at = [], rows
+        for p, end, last in spans:
+            p.done = end
+            done.append(self._prefilled(p, logits[at : at + len(p.requests)]) if last else None)
+            at += len(p.requests) if last else 0
+        return logits[:rows], done
+
+    def _prefilled(self, p: Prefill, logits: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+        requests = p.requests
         lengths = p.mask.sum(dim=1)
         batch = Batch([r.sequences[0] for r in requests], p.cache, p.mask, lengths, torch.zeros_like(lengths))
         rows = [i for i, r in enumerate(requests) for _ in r.sequences]

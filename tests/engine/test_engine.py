@@ -156,3 +156,49 @@ def test_long_prompts_join_in_chunks_while_streams_run(model_and_engine, tokeniz
     # the three prompts (111 columns once padded) took 7 steps of 16 columns; the stream got a token in each
     first_long = min(events.index(f"long{i}") for i in range(3))
     assert events[:first_long].count("stream") >= 7
+
+
+def test_short_prompt_overtakes_a_long_prefill(model_and_engine, tokenizer):
+    """A short prompt that arrives while a long one is being fed in chunks gets its own group and is fed first
+    (in the same forward as the stream's decode and the long prompt's chunk, where the model allows it), so it
+    does not wait for the long prompt. With two forwards a step (BLOOM), groups go one at a time."""
+    model, _ = model_and_engine
+    engine = Engine(model, tokenizer, torch.device("cpu"), EngineConfig(max_model_len=256, max_batch_size=16, prefill_chunk=32))
+    engine.start()
+    stream_ids = tokenizer("Once upon a time")["input_ids"]
+    long = tokenizer(" ".join(PROMPTS * 4))["input_ids"][:200]
+    short = tokenizer("The capital of France is")["input_ids"]
+    events: list[str] = []
+
+    async def watch(ids, max_tokens, rid):
+        tokens = []
+        async for out in engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), rid):
+            events.append(rid)
+            tokens += [t for o in out.outputs for t in o.token_ids]
+        return tokens
+
+    async def scenario():
+        stream = asyncio.create_task(watch(stream_ids, 40, "stream"))
+        while "stream" not in events:
+            await asyncio.sleep(0.001)
+        slow = asyncio.create_task(watch(long, 4, "long"))
+        while not (engine.prefills and engine.prefills[0].done > 0):  # the long prompt's first chunk is in
+            await asyncio.sleep(0.001)
+        fast = await watch(short, 4, "short")
+        return await stream, await slow, fast
+
+    try:
+        streamed, slow, fast = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert streamed == hf_greedy(model, stream_ids, 40)
+    assert slow == hf_greedy(model, long, 4) and fast == hf_greedy(model, short, 4)
+    assert (events.index("short") < events.index("long")) is engine.runner.fused
+
+
+def test_prompts_are_grouped_by_length():
+    from server.engine.engine import by_length
+    from server.engine.request import Request
+
+    requests = [Request(str(n), [1] * n, SamplingParams(max_tokens=1), emit=lambda _: None) for n in (300, 5, 20, 40, 41, 100)]
+    assert [[len(r.prompt_ids) for r in g] for g in by_length(requests)] == [[5, 20], [40, 41], [100], [300]]
