@@ -320,6 +320,9 @@ def table(result: dict) -> str:
     lines = ["| target | new tokens | clients | tokens/s | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | peak memory (MiB) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in result["runs"]:
+        if row.get("error"):
+            lines.append(f"| {row['target']} | {row['max_tokens']} | {row['clients']} | failed: {row['error']} | | | |")
+            continue
         lines.append(f"| {row['target']} | {row['max_tokens']} | {row['clients']} | {row['tokens_per_s']} | "
                      f"{row['ttft_p50_ms']} / {row['ttft_p99_ms']} | {row['itl_p50_ms']} / {row['itl_p99_ms']} | "
                      f"{row.get('peak_mib') or ''} |")
@@ -342,7 +345,8 @@ def plot(result: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     series: dict[tuple[str, int], list[dict]] = {}
     for row in result["runs"]:
-        series.setdefault((row["target"], row["max_tokens"]), []).append(row)
+        if not row.get("error"):  # a failed point is left out of its line
+            series.setdefault((row["target"], row["max_tokens"]), []).append(row)
     for (target, length), rows in series.items():
         xs = [r["clients"] for r in rows]
         left.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=f"{target}, {length} tokens")
