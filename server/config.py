@@ -31,6 +31,7 @@ class Settings:
     prefill_chunk: int = 64
     fuse_prefill: bool = True
     log_level: str = "info"
+    log_format: str = "text"
     model_family: str = "auto"
     chat_template: str | None = None
     generation_config: str = "auto"
@@ -38,6 +39,8 @@ class Settings:
     device_map: str | None = None
     max_memory: str | None = None
     quantization: str = "none"
+    api_key: str | None = None
+    cors_origins: str | None = None
 
 
 HELP = {
@@ -55,6 +58,8 @@ HELP = {
     "prefill_chunk": "prompt tokens fed per engine step while other requests stream (long prompts join over "
     "several steps instead of stalling the streams)",
     "log_level": "debug, info, warning or error",
+    "log_format": "text, or json: one JSON object per line (time, level, logger, request_id, message; per request: "
+    "method, path, status, prompt_tokens, completion_tokens, latency_ms)",
     "model_family": "prompt format and end token: auto (detect from the model), polylm, polylm-multialpaca, "
     "polylm-chat, bloomz, hf (the model's own chat template)",
     "chat_template": "a Jinja chat template file that replaces the family's or the model's template",
@@ -67,10 +72,14 @@ HELP = {
     "device_map": "spread the layers over devices with accelerate: auto, balanced, sequential (GPUs, then CPU)",
     "max_memory": "with --device-map, the memory per device, e.g. '0=20GiB,1=20GiB,cpu=64GiB'",
     "quantization": "load the weights in 8bit or 4bit with bitsandbytes (CUDA only), or none",
+    "api_key": "require 'Authorization: Bearer <key>' on /v1/*; several keys separated by commas (health, readiness "
+    "and metrics stay open)",
+    "cors_origins": "origins allowed to call the API from a browser, separated by commas, or '*' (default: no CORS)",
 }
 CHOICES = {
     "dtype": ["auto", "float32", "bfloat16", "float16"],
     "log_level": ["debug", "info", "warning", "error"],
+    "log_format": ["text", "json"],
     "model_family": FAMILY_CHOICES,
     "generation_config": ["auto", "none"],
     "device_map": ["auto", "balanced", "sequential"],

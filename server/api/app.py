@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from ..config import Settings
 from ..engine.engine import Engine, EngineConfig
 from ..engine.loader import ModelLoadError, kv_bytes_per_token, load, parse_bytes
 from ..families import FAMILIES
 from .errors import install_handlers
+from .middleware import ApiKeyMiddleware, RequestLogMiddleware
 from .routes import router
 from .serving import ModelInfo, OpenAIServing
 
@@ -77,4 +79,14 @@ def create_app(settings: Settings, engine: Engine | None = None, info: ModelInfo
     app.state.started = int(time.time())
     install_handlers(app)
     app.include_router(router)
+    # the last added runs first: request id, then CORS (answers preflights), then the API key
+    keys = [k.strip() for k in (settings.api_key or "").split(",") if k.strip()]
+    if keys:
+        app.add_middleware(ApiKeyMiddleware, keys=keys)
+    if settings.cors_origins:
+        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID"])
+    app.add_middleware(RequestLogMiddleware)
     return app

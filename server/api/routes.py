@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Annotated, TypeVar
 
 import json
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
+from .. import __version__
 from .errors import APIError, error_response
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .serving import OpenAIServing
@@ -79,7 +81,31 @@ async def retrieve_model(model_id: str, raw: Request, s: Serving) -> JSONRespons
 
 @router.get("/health")
 async def health(s: Serving) -> Response:
-    """Liveness: the process is up and the engine thread is alive."""
+    """Liveness: the process is up and the engine thread is alive (503 otherwise: restart the pod)."""
     if not s.engine.is_alive():
         return error_response(503, "the engine thread has stopped")
     return JSONResponse({"status": "ok", "running": s.engine.num_running, "waiting": s.engine.num_waiting})
+
+
+STALL_SECONDS = 60.0  # an engine with work that has not finished a step for this long is not ready
+
+
+@router.get("/ready")
+async def ready(raw: Request, s: Serving) -> Response:
+    """Readiness: the model is loaded, the server is not draining, and the engine moved recently."""
+    if getattr(raw.app.state, "draining", False):
+        return error_response(503, "the server is shutting down", headers={"Retry-After": "1"})
+    if not s.engine.is_alive():
+        return error_response(503, "the engine thread has stopped")
+    stalled = s.engine.stalled_for()
+    if stalled > STALL_SECONDS:
+        return error_response(503, f"the engine has not finished a step for {stalled:.0f} s")
+    return JSONResponse({"status": "ready", "model": s.info.name})
+
+
+@router.get("/version")
+async def version(s: Serving) -> JSONResponse:
+    """The server's version and what it runs on."""
+    return JSONResponse({"version": __version__, "model": s.info.name, "family": s.info.family.name,
+                         "dtype": s.info.dtype, "torch": metadata.version("torch"),
+                         "transformers": metadata.version("transformers")})

@@ -174,7 +174,7 @@ class OpenAIServing:
             raise InvalidRequest(f"the chat template rejected these messages: {e}", "messages") from e
         return self.tokenizer(text, add_special_tokens=self.chat_special_tokens)["input_ids"]
 
-    def _start(self, prompts: list[list[int]], params: list[SamplingParams], prefix: str) -> Job:
+    def _start(self, prompts: list[list[int]], params: list[SamplingParams], prefix: str, raw: Request) -> Job:
         rid = f"{prefix}-{uuid.uuid4().hex}"
         streams: list[RequestStream] = []
         try:
@@ -184,7 +184,9 @@ class OpenAIServing:
             for s in streams:
                 self.engine.abort(s.request_id)
             raise
-        return Job(rid, int(time.time()), self.info.name, streams, sum(map(len, prompts)), params[0].n)
+        job = Job(rid, int(time.time()), self.info.name, streams, sum(map(len, prompts)), params[0].n)
+        raw.state.job = job  # the request's log line reads its usage
+        return job
 
     # -- endpoints ------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
@@ -198,7 +200,7 @@ class OpenAIServing:
         if best_of > req.n:  # draw best_of candidates, each scored by its tokens' log-probabilities
             logprobs = req.logprobs if req.logprobs is not None else 0
             params = [replace(p, n=best_of, logprobs=logprobs) for p in params]
-        job = self._start(ids, params, "cmpl")
+        job = self._start(ids, params, "cmpl", raw)
         echo = [text for _, text in prompts] if req.echo else None
         if req.stream:
             return streaming_response(self._completion_chunks(job, req.include_usage, echo))
@@ -219,7 +221,7 @@ class OpenAIServing:
         req = self._with_defaults(req)
         ids = await asyncio.to_thread(self._chat_prompt, req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        job = self._start([ids], [self._params(req, max_tokens, len(ids))], "chatcmpl")
+        job = self._start([ids], [self._params(req, max_tokens, len(ids))], "chatcmpl", raw)
         if req.stream:
             return streaming_response(self._chat_chunks(job, req.include_usage))
         if not await finish_unless_disconnected(job, raw):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,7 @@ class Engine:
         self._aborts: set[str] = set()
         self._requests: dict[str, Request] = {}
         self._stopping = False
+        self.last_step = time.monotonic()  # when the engine last finished a step (or went idle)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # -- the asyncio side ---------------------------------------------------------------
@@ -94,6 +96,12 @@ class Engine:
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
+
+    def stalled_for(self) -> float:
+        """Seconds the engine has had work without finishing a step (0 when idle or moving)."""
+        with self._cv:
+            busy = bool(self._inbox) or self.scheduler.has_work()
+        return time.monotonic() - self.last_step if busy else 0.0
 
     @property
     def num_running(self) -> int:
@@ -161,6 +169,7 @@ class Engine:
                 except Exception as e:  # fail what was running, keep serving
                     log.exception("engine step failed")
                     self._fail_running(f"{type(e).__name__}: {e}")
+            self.last_step = time.monotonic()
 
     def step(self) -> None:
         """One engine step: decode one token for every running row, and feed the prompts being prefilled their
