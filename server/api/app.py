@@ -16,6 +16,7 @@ from ..engine.engine import Engine, EngineConfig
 from ..engine.loader import ModelLoadError, kv_bytes_per_token, load, parse_bytes
 from ..families import FAMILIES
 from .errors import install_handlers
+from .metrics import Metrics
 from .middleware import ApiKeyMiddleware, RequestLogMiddleware
 from .routes import router
 from .serving import ModelInfo, OpenAIServing
@@ -62,7 +63,8 @@ def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
 def create_app(settings: Settings, engine: Engine | None = None, info: ModelInfo | None = None) -> FastAPI:
     if engine is None:
         engine, info = build_engine(settings)
-    serving = OpenAIServing(engine, info or ModelInfo("model", FAMILIES["hf"], engine.config.max_model_len))
+    metrics = Metrics(engine)
+    serving = OpenAIServing(engine, info or ModelInfo("model", FAMILIES["hf"], engine.config.max_model_len), metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,6 +78,7 @@ def create_app(settings: Settings, engine: Engine | None = None, info: ModelInfo
 
     app = FastAPI(title="polyglot-server", lifespan=lifespan)
     app.state.serving = serving
+    app.state.metrics = metrics
     app.state.started = int(time.time())
     install_handlers(app)
     app.include_router(router)

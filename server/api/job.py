@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,7 @@ from fastapi import Request
 from ..engine.engine import EngineError, RequestStream
 from ..engine.request import SeqOutput, TokenLogprob
 from .errors import APIError
+from .metrics import Metrics
 
 
 @dataclass
@@ -32,8 +34,23 @@ class Job:
     streams: list[RequestStream]
     prompt_tokens: int
     n: int
+    metrics: Metrics | None = None
     choices: dict[int, Choice] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # by prompt index
+    started: float = field(default_factory=time.perf_counter)
+    last_token: dict[int, float] = field(default_factory=dict)  # by choice: when its last token came
+
+    def _observe(self, index: int, tokens: int) -> None:
+        now = time.perf_counter()
+        if not self.last_token:
+            self.metrics.ttft.observe(now - self.started)
+        elif index in self.last_token:
+            self.metrics.itl.observe(now - self.last_token[index])
+        self.last_token[index] = now
+        self.metrics.generation_tokens.inc(tokens)
+
+    def finished(self) -> bool:
+        return len(self.choices) == len(self.streams) * self.n and all(c.finish_reason for c in self.choices.values())
 
     def usage(self) -> dict[str, int]:
         completion = sum(c.tokens for c in self.choices.values())
@@ -55,12 +72,16 @@ class Job:
             await queue.put(None)
 
         tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(self.streams)]
+        failed = False
         try:
             for _ in range(len(tasks)):
                 while (item := await queue.get()) is not None:
                     if isinstance(item, EngineError):
+                        failed = True
                         raise item
                     index, out = item
+                    if self.metrics is not None and out.token_ids:
+                        self._observe(index, len(out.token_ids))
                     choice = self.choices.setdefault(index, Choice())
                     choice.text += out.text
                     choice.tokens += len(out.token_ids)
@@ -70,6 +91,8 @@ class Job:
         finally:
             for t in tasks:
                 t.cancel()
+            if self.metrics is not None and not self.finished():
+                (self.metrics.failed if failed else self.metrics.cancelled).inc()
 
     def best(self, n: int, num_prompts: int) -> list[tuple[int, Choice]]:
         """Per prompt, the n choices with the highest mean token log-probability (all of them when n == rows)."""

@@ -55,6 +55,9 @@ class RequestLogMiddleware:
             job = state.get("job")
             usage = job.usage() if job is not None else {}
             latency = round((time.perf_counter() - start) * 1000, 1)
+            metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
+            if metrics is not None:
+                metrics.request_done(scope["path"], status[0], latency / 1000, usage)
             level = logging.DEBUG if scope["path"] in PROBES else logging.INFO  # probes every few seconds: quiet
             log.log(level, "%s %s %d %.1f ms", scope["method"], scope["path"], status[0], latency,
                      extra={"method": scope["method"], "path": scope["path"], "status": status[0], "latency_ms": latency,

@@ -103,6 +103,13 @@ async def ready(raw: Request, s: Serving) -> Response:
     return JSONResponse({"status": "ready", "model": s.info.name})
 
 
+@router.get("/metrics")
+async def metrics(raw: Request) -> Response:
+    """Prometheus metrics."""
+    m = raw.app.state.metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
 @router.get("/version")
 async def version(s: Serving) -> JSONResponse:
     """The server's version and what it runs on."""

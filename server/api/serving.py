@@ -18,6 +18,7 @@ from ..families import Family
 from .errors import APIError, error_body
 from .job import Job, finish_unless_disconnected
 from .logprobs import LogprobFormatter
+from .metrics import Metrics
 from .schemas import MAX_BEAMS, ChatCompletionRequest, CompletionRequest, _Request
 from .streaming import sse, sse_done
 
@@ -39,8 +40,9 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine, info: ModelInfo) -> None:
+    def __init__(self, engine: Engine, info: ModelInfo, metrics: Metrics | None = None) -> None:
         self.engine = engine
+        self.metrics = metrics
         self.tokenizer = engine.tokenizer
         self.info = info
         self.logprobs = LogprobFormatter(self.tokenizer)
@@ -184,7 +186,7 @@ class OpenAIServing:
             for s in streams:
                 self.engine.abort(s.request_id)
             raise
-        job = Job(rid, int(time.time()), self.info.name, streams, sum(map(len, prompts)), params[0].n)
+        job = Job(rid, int(time.time()), self.info.name, streams, sum(map(len, prompts)), params[0].n, self.metrics)
         raw.state.job = job  # the request's log line reads its usage
         return job
 

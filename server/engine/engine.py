@@ -97,6 +97,14 @@ class Engine:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def cache_usage(self) -> tuple[int, int, int]:
+        """Rows in the running batch, the tokens its KV cache spans (rows x width), and the bytes of every KV
+        buffer allocated (running batch and prompts being prefilled). Read from another thread: a snapshot."""
+        batch, prefills = self.batch, list(self.prefills)
+        caches = ([batch.cache] if batch is not None else []) + [p.cache for p in prefills]
+        allocated = sum(layer.kbuf.nbytes + layer.vbuf.nbytes for c in caches for layer in c.live_layers())
+        return (len(batch), len(batch) * batch.width, allocated) if batch is not None else (0, 0, allocated)
+
     def stalled_for(self) -> float:
         """Seconds the engine has had work without finishing a step (0 when idle or moving)."""
         with self._cv:

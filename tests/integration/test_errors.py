@@ -149,11 +149,11 @@ def test_disconnect_cancels_stream_and_plain_request(tiny_server):
 def test_queue_full_is_503(start_server, tiny_llama_dir, validate):
     server = start_server("--model", str(tiny_llama_dir), "--served-model-name", "tiny",
                           "--max-batch-size", "1", "--max-waiting", "1")
-    body = {"model": "tiny", "prompt": "Long", "max_tokens": 300, "temperature": 0}
+    body = {"model": "tiny", "prompt": "Long", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
 
     async def scenario():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
-            return await asyncio.gather(*[c.post("/v1/completions", json=body) for _ in range(5)])
+            return await asyncio.gather(*[c.post("/v1/completions", json=body) for _ in range(8)])
 
     results = asyncio.run(scenario())
     codes = sorted(r.status_code for r in results)

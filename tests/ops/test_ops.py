@@ -79,3 +79,51 @@ def test_version_and_readiness(tiny_server):
     v = httpx.get(tiny_server.url + "/version").json()
     assert v["version"] and v["model"] == "tiny" and v["torch"] and v["transformers"]
     assert httpx.get(tiny_server.url + "/ready").json() == {"status": "ready", "model": "tiny"}
+
+
+def _samples(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_count_requests_tokens_and_latencies(start_server, tiny_llama_dir):
+    server = start_server("--model", str(tiny_llama_dir), "--served-model-name", "tiny")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
+    out = client.completions.create(model="tiny", prompt="Hello there", max_tokens=5)
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                            stream=True)
+    list(stream)
+    httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": -1})  # a 400
+    time.sleep(0.5)
+    m = _samples(httpx.get(server.url + "/metrics").text)
+    assert m['polyglot_requests_total{endpoint="/v1/completions",status="200"}'] == 1
+    assert m['polyglot_requests_total{endpoint="/v1/chat/completions",status="200"}'] == 1
+    assert m['polyglot_requests_total{endpoint="/v1/completions",status="400"}'] == 1
+    assert m["polyglot_prompt_tokens_total"] >= out.usage.prompt_tokens + 2
+    assert m["polyglot_generation_tokens_total"] >= 5 + 4
+    assert m["polyglot_time_to_first_token_seconds_count"] == 2
+    assert m["polyglot_inter_token_latency_seconds_count"] == 4 + 3
+    assert m["polyglot_request_latency_seconds_count"] == 2
+    assert m["polyglot_cancelled_requests_total"] == 0
+    assert m["polyglot_failed_requests_total"] == 0
+    for gauge in ("running_requests", "waiting_requests", "batch_rows", "kv_cache_tokens", "kv_cache_bytes"):
+        assert f"polyglot_{gauge}" in m
+    assert m["polyglot_running_requests"] == 0 and m["polyglot_batch_rows"] == 0
+
+
+def test_metrics_show_the_running_batch_its_cache_and_a_client_that_left(default_server):
+    before = _samples(httpx.get(default_server.url + "/metrics").text)["polyglot_cancelled_requests_total"]
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 200, "n": 3,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", default_server.url + "/v1/completions", json=body, timeout=60) as r:
+        next(r.iter_lines())
+        during = _samples(httpx.get(default_server.url + "/metrics").text)
+    assert during["polyglot_running_requests"] == 1 and during["polyglot_batch_rows"] == 3
+    assert during["polyglot_kv_cache_tokens"] >= 3 * 5 and during["polyglot_kv_cache_bytes"] > 0
+    time.sleep(0.5)
+    after = _samples(httpx.get(default_server.url + "/metrics").text)
+    assert after["polyglot_cancelled_requests_total"] == before + 1 and after["polyglot_running_requests"] == 0

@@ -1,0 +1,48 @@
+"""Prometheus metrics for GET /metrics: requests, queue, batch, tokens, latencies, KV cache. One registry per app."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/version", "/metrics")
+LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
+TOKEN_GAP = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, engine) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("polyglot_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("polyglot_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("polyglot_generation_tokens", "tokens generated", registry=r)
+        self.cancelled = Counter("polyglot_cancelled_requests", "requests whose client left before the end", registry=r)
+        self.failed = Counter("polyglot_failed_requests", "requests ended by an error inside the engine", registry=r)
+        self.ttft = Histogram("polyglot_time_to_first_token_seconds", "time to first token", buckets=LATENCY,
+                              registry=r)
+        self.itl = Histogram("polyglot_inter_token_latency_seconds", "time between a choice's tokens",
+                             buckets=TOKEN_GAP, registry=r)
+        self.latency = Histogram("polyglot_request_latency_seconds", "end-to-end latency of generation requests",
+                                 buckets=LATENCY, registry=r)
+        gauges = {
+            "polyglot_running_requests": ("requests in the running batch or being prefilled", lambda: engine.num_running),
+            "polyglot_waiting_requests": ("requests waiting for a place in the batch", lambda: engine.num_waiting),
+            "polyglot_batch_rows": ("rows in the running batch (a choice or a beam each)", lambda: engine.cache_usage()[0]),
+            "polyglot_kv_cache_tokens": ("tokens the running batch's KV cache spans (rows x width)",
+                                         lambda: engine.cache_usage()[1]),
+            "polyglot_kv_cache_bytes": ("bytes of KV-cache buffers allocated", lambda: engine.cache_usage()[2]),
+        }
+        for name, (doc, read) in gauges.items():
+            Gauge(name, doc, registry=r).set_function(read)
+
+    def request_done(self, path: str, status: int, seconds: float, usage: dict) -> None:
+        endpoint = path if path in ENDPOINTS else "other"
+        self.requests.labels(endpoint, str(status)).inc()
+        if usage:
+            self.latency.observe(seconds)
+            self.prompt_tokens.inc(usage["prompt_tokens"])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
