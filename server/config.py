@@ -27,6 +27,8 @@ class Settings:
     max_batch_size: int = 64
     max_batch_tokens: int = 131072
     max_waiting: int = 256
+    max_body_bytes: int = 4 * 1024 * 1024
+    request_timeout: int = 600
     kv_cache_memory: str | None = None
     prefill_chunk: int = 64
     fuse_prefill: bool = True
@@ -54,6 +56,9 @@ HELP = {
     "max_batch_size": "maximum rows in the running batch (a request with n choices takes n rows)",
     "max_batch_tokens": "KV-cache budget in tokens: rows x longest reserved row (prompt + max_tokens) must fit",
     "max_waiting": "maximum queued requests; past it new requests get 503",
+    "max_body_bytes": "largest request body accepted, in bytes; larger ones get 413",
+    "request_timeout": "seconds a generation request may run before it is ended with an error (504, or an error "
+    "event in a stream); 0: no limit",
     "kv_cache_memory": "KV-cache budget in bytes (e.g. 4GiB, 512MiB); lowers --max-batch-tokens to what fits",
     "prefill_chunk": "prompt tokens fed per engine step while other requests stream (long prompts join over "
     "several steps instead of stalling the streams)",

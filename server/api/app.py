@@ -17,7 +17,7 @@ from ..engine.loader import ModelLoadError, kv_bytes_per_token, load, parse_byte
 from ..families import FAMILIES
 from .errors import install_handlers
 from .metrics import Metrics
-from .middleware import ApiKeyMiddleware, RequestLogMiddleware
+from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestLogMiddleware
 from .routes import router
 from .serving import ModelInfo, OpenAIServing
 
@@ -64,7 +64,8 @@ def create_app(settings: Settings, engine: Engine | None = None, info: ModelInfo
     if engine is None:
         engine, info = build_engine(settings)
     metrics = Metrics(engine)
-    serving = OpenAIServing(engine, info or ModelInfo("model", FAMILIES["hf"], engine.config.max_model_len), metrics)
+    serving = OpenAIServing(engine, info or ModelInfo("model", FAMILIES["hf"], engine.config.max_model_len), metrics,
+                            settings.request_timeout or None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -91,5 +92,6 @@ def create_app(settings: Settings, engine: Engine | None = None, info: ModelInfo
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID"])
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(RequestLogMiddleware)
     return app

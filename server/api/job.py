@@ -16,6 +16,10 @@ from .errors import APIError
 from .metrics import Metrics
 
 
+class JobTimeout(Exception):
+    """The job ran past --request-timeout."""
+
+
 @dataclass
 class Choice:
     text: str = ""
@@ -35,6 +39,7 @@ class Job:
     prompt_tokens: int
     n: int
     metrics: Metrics | None = None
+    timeout: float | None = None  # seconds the whole job may take
     choices: dict[int, Choice] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # by prompt index
     started: float = field(default_factory=time.perf_counter)
@@ -48,6 +53,15 @@ class Job:
             self.metrics.itl.observe(now - self.last_token[index])
         self.last_token[index] = now
         self.metrics.generation_tokens.inc(tokens)
+
+    async def _next(self, queue: asyncio.Queue) -> Any:
+        if self.timeout is None:
+            return await queue.get()
+        try:
+            return await asyncio.wait_for(queue.get(), self.started + self.timeout - time.perf_counter())
+        except TimeoutError:
+            raise JobTimeout(f"The request ran past this server's limit of {self.timeout:g} s (--request-timeout) "
+                             "and was stopped.") from None
 
     def finished(self) -> bool:
         return len(self.choices) == len(self.streams) * self.n and all(c.finish_reason for c in self.choices.values())
@@ -75,7 +89,7 @@ class Job:
         failed = False
         try:
             for _ in range(len(tasks)):
-                while (item := await queue.get()) is not None:
+                while (item := await self._next(queue)) is not None:
                     if isinstance(item, EngineError):
                         failed = True
                         raise item
@@ -88,6 +102,9 @@ class Job:
                     choice.finish_reason = out.finish_reason
                     choice.logprobs += out.logprobs or []
                     yield index, out
+        except JobTimeout:
+            failed = True
+            raise
         finally:
             for t in tasks:
                 t.cancel()
@@ -131,6 +148,8 @@ async def finish_unless_disconnected(job: Job, raw: Request) -> bool:
             work.result()
         except EngineError as e:
             raise APIError(500, f"generation failed: {e}") from e
+        except JobTimeout as e:
+            raise APIError(504, str(e), code="timeout") from e
         return True
     work.cancel()
     return False

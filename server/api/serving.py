@@ -16,7 +16,7 @@ from ..engine.engine import Engine, EngineError, RequestStream
 from ..engine.params import InvalidRequest, SamplingParams
 from ..families import Family
 from .errors import APIError, error_body
-from .job import Job, finish_unless_disconnected
+from .job import Job, JobTimeout, finish_unless_disconnected
 from .logprobs import LogprobFormatter
 from .metrics import Metrics
 from .schemas import MAX_BEAMS, ChatCompletionRequest, CompletionRequest, _Request
@@ -40,9 +40,11 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine, info: ModelInfo, metrics: Metrics | None = None) -> None:
+    def __init__(self, engine: Engine, info: ModelInfo, metrics: Metrics | None = None,
+                 timeout: float | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.timeout = timeout
         self.tokenizer = engine.tokenizer
         self.info = info
         self.logprobs = LogprobFormatter(self.tokenizer)
@@ -186,7 +188,8 @@ class OpenAIServing:
             for s in streams:
                 self.engine.abort(s.request_id)
             raise
-        job = Job(rid, int(time.time()), self.info.name, streams, sum(map(len, prompts)), params[0].n, self.metrics)
+        job = Job(rid, int(time.time()), self.info.name, streams, sum(map(len, prompts)), params[0].n, self.metrics,
+                  self.timeout)
         raw.state.job = job  # the request's log line reads its usage
         return job
 
@@ -285,6 +288,8 @@ def streaming_response(chunks: AsyncIterator[str]) -> StreamingResponse:
                 yield chunk
         except EngineError as e:
             yield sse(error_body(500, f"generation failed: {e}"))
+        except JobTimeout as e:
+            yield sse(error_body(504, str(e), code="timeout"))
         yield sse_done()
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

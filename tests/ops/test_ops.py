@@ -127,3 +127,37 @@ def test_metrics_show_the_running_batch_its_cache_and_a_client_that_left(default
     time.sleep(0.5)
     after = _samples(httpx.get(default_server.url + "/metrics").text)
     assert after["polyglot_cancelled_requests_total"] == before + 1 and after["polyglot_running_requests"] == 0
+
+
+def test_body_over_the_limit_is_413(start_server, tiny_llama_dir, validate):
+    server = start_server("--model", str(tiny_llama_dir), "--served-model-name", "tiny", "--max-body-bytes", "2000")
+    big = {"model": "tiny", "prompt": "word " * 1000, "max_tokens": 1}
+    r = httpx.post(server.url + "/v1/completions", json=big)
+    assert r.status_code == 413
+    validate("ErrorResponse", r.json())
+    assert "--max-body-bytes" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(100):
+            yield b"word " * 10
+        yield b'", "max_tokens": 1}'
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    ok = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "word", "max_tokens": 1})
+    assert ok.status_code == 200
+
+
+def test_request_timeout_ends_requests_with_504_or_an_error_event(start_server, validate):
+    server = start_server("--request-timeout", "1")
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True}
+    started = time.monotonic()
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 504 and time.monotonic() - started < 10
+    validate("ErrorResponse", r.json())
+    assert r.json()["error"]["code"] == "timeout"
+    lines = [line for line in httpx.post(server.url + "/v1/completions", json={**body, "stream": True}, timeout=60)
+             .text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == "timeout"
+    assert httpx.get(server.url + "/health").json()["running"] == 0  # the rows were freed
