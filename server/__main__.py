@@ -17,7 +17,10 @@ def main() -> None:
         app = create_app(settings)
     except ModelLoadError as e:
         sys.exit(f"error: {e}")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                           log_config=None))
+    app.state.exit = lambda: setattr(server, "should_exit", True)  # after the drain on SIGTERM
+    server.run()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ class Settings:
     max_waiting: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
     request_timeout: int = 600
+    shutdown_timeout: int = 30
     kv_cache_memory: str | None = None
     prefill_chunk: int = 64
     fuse_prefill: bool = True
@@ -59,6 +60,8 @@ HELP = {
     "max_body_bytes": "largest request body accepted, in bytes; larger ones get 413",
     "request_timeout": "seconds a generation request may run before it is ended with an error (504, or an error "
     "event in a stream); 0: no limit",
+    "shutdown_timeout": "on SIGTERM, seconds that requests in flight (streams too) may run on before they are ended "
+    "with an error; readiness turns 503 and new requests get 503 at once (a second SIGTERM exits at once)",
     "kv_cache_memory": "KV-cache budget in bytes (e.g. 4GiB, 512MiB); lowers --max-batch-tokens to what fits",
     "prefill_chunk": "prompt tokens fed per engine step while other requests stream (long prompts join over "
     "several steps instead of stalling the streams)",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +20,7 @@ from ..engine.loader import ModelLoadError, kv_bytes_per_token, load, parse_byte
 from ..families import FAMILIES
 from .errors import install_handlers
 from .metrics import Metrics
-from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestLogMiddleware
+from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, DrainMiddleware, RequestLogMiddleware
 from .routes import router
 from .serving import ModelInfo, OpenAIServing
 
@@ -74,12 +77,16 @@ def create_app(settings: Settings, engine: Engine | None = None, info: ModelInfo
         gc.collect()
         gc.freeze()
         engine.start()
+        watch_signals(app, engine, settings.shutdown_timeout)
         yield
         engine.stop()
 
     app = FastAPI(title="polyglot-server", lifespan=lifespan)
     app.state.serving = serving
     app.state.metrics = metrics
+    app.state.draining = False
+    app.state.inflight = 0
+    app.state.exit = None  # set by the process that serves the app: how to make it stop listening and exit
     app.state.started = int(time.time())
     install_handlers(app)
     app.include_router(router)
@@ -92,6 +99,41 @@ def create_app(settings: Settings, engine: Engine | None = None, info: ModelInfo
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID"])
+    app.add_middleware(DrainMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(RequestLogMiddleware)
     return app
+
+
+def watch_signals(app: FastAPI, engine: Engine, timeout: float) -> None:
+    """SIGTERM (or SIGINT): readiness turns 503 and new generation requests get 503 at once; requests in flight,
+    streams included, run on for up to `timeout` seconds; whatever is left is ended with an error (an error event
+    in a stream); then the server exits (0). A second signal exits at once."""
+    loop = asyncio.get_running_loop()
+
+    async def drain() -> None:
+        log.info("shutting down: draining %d request(s) for up to %g s", app.state.inflight, timeout)
+        deadline = loop.time() + timeout
+        while app.state.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if app.state.inflight:
+            log.warning("shutting down: ending %d request(s) still running", app.state.inflight)
+            engine.fail_all("the server is shutting down")
+            deadline = loop.time() + 5
+            while app.state.inflight and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+        if app.state.exit is not None:
+            app.state.exit()
+
+    def on_signal() -> None:
+        if app.state.draining:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        app.state.draining = True
+        app.state.drain_task = loop.create_task(drain())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, on_signal)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (an app run in-process)
+            return

@@ -137,3 +137,27 @@ class BodyLimitMiddleware:
 
 class _TooLarge(Exception):
     pass
+
+
+class DrainMiddleware:
+    """Counts the generation requests in flight (`app.state.inflight`); while the server drains for shutdown
+    (`app.state.draining`), new ones get 503 with Retry-After, so a load balancer retries them elsewhere."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/") or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        if getattr(state, "draining", False):
+            response = error_response(503, "The server is shutting down; retry on another replica.",
+                                      code="shutting_down", headers={"Retry-After": "1"})
+            await response(scope, receive, send)
+            return
+        state.inflight = getattr(state, "inflight", 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state.inflight -= 1

@@ -81,6 +81,7 @@ class Engine:
         self._aborts: set[str] = set()
         self._requests: dict[str, Request] = {}
         self._stopping = False
+        self._failing: str | None = None
         self.last_step = time.monotonic()  # when the engine last finished a step (or went idle)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
@@ -132,6 +133,12 @@ class Engine:
             self._cv.notify()
         return stream
 
+    def fail_all(self, message: str) -> None:
+        """End every request, running or waiting, with an error (the server is shutting down)."""
+        with self._cv:
+            self._failing = message
+            self._cv.notify()
+
     def abort(self, request_id: str) -> None:
         with self._cv:
             self._aborts.add(request_id)
@@ -161,22 +168,26 @@ class Engine:
             log.info("decode and prefill chunks: %s", "one forward" if fused else "two forwards (model not supported)")
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._stopping or self._inbox or self._aborts or self.scheduler.has_work())
+                self._cv.wait_for(lambda: self._stopping or self._inbox or self._aborts or self._failing
+                                  or self.scheduler.has_work())
                 if self._stopping:
                     return
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, set()
+                failing, self._failing = self._failing, None
             for r in inbox:
                 self._requests[r.request_id] = r
                 self.scheduler.add(r)
             for rid in aborts:
                 self._drop(rid)
+            if failing:
+                self._fail(failing, waiting=True)
             if self.scheduler.has_work():
                 try:
                     self.step()
                 except Exception as e:  # fail what was running, keep serving
                     log.exception("engine step failed")
-                    self._fail_running(f"{type(e).__name__}: {e}")
+                    self._fail(f"{type(e).__name__}: {e}")
             self.last_step = time.monotonic()
 
     def step(self) -> None:
@@ -332,8 +343,8 @@ class Engine:
         self.scheduler.remove(request)
         self._evict_finished()
 
-    def _fail_running(self, message: str) -> None:
-        for r in list(self.scheduler.running):
+    def _fail(self, message: str, waiting: bool = False) -> None:
+        for r in list(self.scheduler.running) + (list(self.scheduler.waiting) if waiting else []):
             r.emit(RequestOutput(r.request_id, [], len(r.prompt_ids), True, error=message))
             self.scheduler.remove(r)
             self._requests.pop(r.request_id, None)
