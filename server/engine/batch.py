@@ -63,6 +63,14 @@ class Batch:
         for layer in self.cache.live_layers():
             layer.move_rows(dst, src, len(indices), trim)
 
+    @torch.inference_mode()
+    def clear(self, rows: list[int]) -> None:
+        """Zero these rows' whole cache slots (a failed row's NaN must not linger where masked columns are read)."""
+        if rows:
+            for layer in self.cache.live_layers():
+                layer.kbuf[rows] = 0
+                layer.vbuf[rows] = 0
+
     def drop(self, rows: list[int]) -> None:
         """Remove rows; the last rows move into the holes, so only as many cache rows are copied as leave."""
         gone = set(rows)

@@ -10,6 +10,8 @@ import asyncio
 import logging
 import threading
 import time
+
+import torch
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -252,17 +254,27 @@ class Engine:
     def _advance(self, batch: Batch, logits) -> None:
         """Choose every row's next token: sampled or greedy rows directly, beam rows by their search,
         which may also reorder the beam rows (the cache rows follow their parents)."""
+        broken = torch.isnan(logits).any(dim=-1).nonzero().squeeze(1).tolist()
+        if broken:  # that request fails; its rows are sampled from zeros and then dropped
+            logits = logits.clone()
+            logits[broken] = 0.0
+            for request in {batch.seqs[row].request for row in broken}:
+                self._fail_request(request, "the model produced NaN logits for this request")
         tokens, logprobs = self.runner.sample(batch, logits, self.eos_ids)
         groups: dict[Request, list[int]] = {}
         for row, seq in enumerate(batch.seqs):
-            if seq.request.beam is not None:
+            if seq.request.beam is not None and not seq.finished:
                 groups.setdefault(seq.request, []).append(row)
         for rows in groups.values():  # rows move when others leave: slot i is the sequence with index i
             rows.sort(key=lambda row: batch.seqs[row].index)
         if groups:
             order = list(range(len(batch)))
             for request, rows in groups.items():
-                parents = request.beam.group.step(logits[rows])
+                try:
+                    parents = request.beam.group.step(logits[rows])
+                except Exception as e:  # this request's search broke: it fails, the batch goes on
+                    self._fail_request(request, f"{type(e).__name__}: {e}", exc=True)
+                    continue
                 for i, row in enumerate(rows):
                     order[row] = rows[parents[i]]
                     tokens[row] = request.beam.group.running[i][-1]
@@ -284,14 +296,22 @@ class Engine:
         """Append each row's new token, detokenize, check stops; report per request."""
         outputs: dict[Request, list[SeqOutput]] = {}
         for seq, token, lp in zip(batch.seqs, tokens, logprobs, strict=True):
-            if seq.request.beam is not None:
-                if seq.request not in outputs:
-                    outputs[seq.request] = self._beam_outputs(seq.request)
+            if seq.finished:  # its request failed in this step
                 continue
-            out = self._append(seq, token)
+            try:
+                if seq.request.beam is not None:
+                    if seq.request not in outputs:
+                        outputs[seq.request] = self._beam_outputs(seq.request)
+                    continue
+                out = self._append(seq, token)
+            except Exception as e:  # this request's decoding broke: it fails, the others go on
+                self._fail_request(seq.request, f"{type(e).__name__}: {e}", exc=True)
+                continue
             out.logprobs = None if lp is None else [lp]
             outputs.setdefault(seq.request, []).append(out)
         for request, outs in outputs.items():
+            if request.failed:
+                continue
             out = RequestOutput(request.request_id, outs, len(request.prompt_ids), request.finished)
             out.prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
             request.emit(out)
@@ -323,12 +343,22 @@ class Engine:
         seq.finish_reason = finish
         return SeqOutput(seq.index, text, [token], finish)
 
+    def _fail_request(self, request: Request, message: str, exc: bool = False) -> None:
+        """End one request with an error; its rows leave the batch at the next eviction."""
+        log.error("request %s failed: %s", request.request_id, message, exc_info=exc)
+        request.failed = True
+        for seq in request.sequences:
+            seq.finish_reason = seq.finish_reason or "error"
+        request.emit(RequestOutput(request.request_id, [], len(request.prompt_ids), True, error=message))
+
     def _evict_finished(self) -> None:
         for r in [r for r in self.scheduler.running if r.finished]:
             self.scheduler.remove(r)
             self._requests.pop(r.request_id, None)
         if self.batch is not None:
             gone = [i for i, s in enumerate(self.batch.seqs) if s.finished]
+            # a failed row may hold NaN keys: cleared, since masked cache slots must stay finite
+            self.batch.clear([i for i in gone if self.batch.seqs[i].finish_reason == "error"])
             if len(gone) == len(self.batch):
                 self.batch = None
             elif gone:

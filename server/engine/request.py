@@ -77,6 +77,7 @@ class Request:
     status: Status = Status.WAITING
     sequences: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None  # set by the prefill, sent once
+    failed: bool = False  # ended by an error of its own (NaN logits, an exception in its decoding)
     beam: Any = None  # a BeamSearch when params.num_beams > 1; its rows are beam slots, not choices
 
     @property

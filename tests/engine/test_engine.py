@@ -202,3 +202,31 @@ def test_prompts_are_grouped_by_length():
 
     requests = [Request(str(n), [1] * n, SamplingParams(max_tokens=1), emit=lambda _: None) for n in (300, 5, 20, 40, 41, 100)]
     assert [[len(r.prompt_ids) for r in g] for g in by_length(requests)] == [[5, 20], [40, 41], [100], [300]]
+
+
+def test_an_exception_in_one_requests_decoding_fails_only_that_request(model_and_engine, tokenizer, monkeypatch):
+    """Fault injection: the detokenizer raises for one request's rows. That request ends with an error; the one
+    sharing its batch still gets HF greedy's tokens."""
+    from server.engine.detokenizer import IncrementalDetokenizer
+
+    model, engine = model_and_engine
+    broken_prompt = tokenizer("Break me")["input_ids"]
+    add = IncrementalDetokenizer.add
+
+    def add_or_raise(self, token):
+        if self.ids[: len(broken_prompt)] == broken_prompt:
+            raise ValueError("detokenizer exploded")
+        return add(self, token)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "add", add_or_raise)
+    good = tokenizer("Once upon a time")["input_ids"]
+
+    async def both():
+        return await asyncio.gather(collect(engine, good, SamplingParams(max_tokens=12, temperature=0.0), "good"),
+                                    collect(engine, broken_prompt, SamplingParams(max_tokens=12, temperature=0.0), "bad"),
+                                    return_exceptions=True)
+
+    ok, failed = asyncio.run(both())
+    assert ok[1][0] == hf_greedy(model, good, 12)
+    assert "detokenizer exploded" in str(failed)
+    assert engine.is_alive() and engine.num_running == 0

@@ -146,10 +146,10 @@ def test_disconnect_cancels_stream_and_plain_request(tiny_server):
     assert wait_idle(tiny_server), "request still running after the client left"
 
 
-def test_queue_full_is_503(start_server, tiny_llama_dir, validate):
-    server = start_server("--model", str(tiny_llama_dir), "--served-model-name", "tiny",
-                          "--max-batch-size", "1", "--max-waiting", "1")
-    body = {"model": "tiny", "prompt": "Long", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+def test_queue_full_is_503(start_server, validate):
+    # the default model: slow enough on any machine that the first request is still running when the third arrives
+    server = start_server("--max-batch-size", "1", "--max-waiting", "1")
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Long", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
 
     async def scenario():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
@@ -157,7 +157,8 @@ def test_queue_full_is_503(start_server, tiny_llama_dir, validate):
 
     results = asyncio.run(scenario())
     codes = sorted(r.status_code for r in results)
-    assert codes.count(200) >= 2 and 503 in codes, codes
+    # one runs, at most one waits (it may be rejected too if it arrived before the first left the queue)
+    assert codes.count(200) >= 1 and 503 in codes and set(codes) == {200, 503}, codes
     for r in results:
         if r.status_code == 503:
             assert check_error(r, 503, validate)["code"] == "queue_full"

@@ -115,18 +115,32 @@ def test_metrics_count_requests_tokens_and_latencies(start_server, tiny_llama_di
     assert m["polyglot_running_requests"] == 0 and m["polyglot_batch_rows"] == 0
 
 
+def _idle(server) -> dict[str, float]:
+    """Metrics once the shared server has finished what earlier tests left running."""
+    for _ in range(100):
+        m = _samples(httpx.get(server.url + "/metrics").text)
+        if m["polyglot_running_requests"] == 0 and m["polyglot_waiting_requests"] == 0:
+            return m
+        time.sleep(0.1)
+    raise AssertionError("the server did not go idle")
+
+
 def test_metrics_show_the_running_batch_its_cache_and_a_client_that_left(default_server):
-    before = _samples(httpx.get(default_server.url + "/metrics").text)["polyglot_cancelled_requests_total"]
+    before = _idle(default_server)["polyglot_cancelled_requests_total"]
     body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 200, "n": 3,
             "stream": True, "ignore_eos": True}
     with httpx.stream("POST", default_server.url + "/v1/completions", json=body, timeout=60) as r:
-        next(r.iter_lines())
-        during = _samples(httpx.get(default_server.url + "/metrics").text)
+        first = next(line for line in r.iter_lines() if line)
+        assert r.status_code == 200 and '"text"' in first, first
+        for _ in range(20):  # scraped while the request runs (it has 200 tokens to go)
+            during = _samples(httpx.get(default_server.url + "/metrics").text)
+            if during["polyglot_batch_rows"] == 3:
+                break
+            time.sleep(0.1)
     assert during["polyglot_running_requests"] == 1 and during["polyglot_batch_rows"] == 3
     assert during["polyglot_kv_cache_tokens"] >= 3 * 5 and during["polyglot_kv_cache_bytes"] > 0
-    time.sleep(0.5)
-    after = _samples(httpx.get(default_server.url + "/metrics").text)
-    assert after["polyglot_cancelled_requests_total"] == before + 1 and after["polyglot_running_requests"] == 0
+    after = _idle(default_server)
+    assert after["polyglot_cancelled_requests_total"] == before + 1
 
 
 def test_body_over_the_limit_is_413(start_server, tiny_llama_dir, validate):
