@@ -164,17 +164,16 @@ def test_four_beams_equal_the_seeds_generate(servers, hf_models, server, prompt)
     assert len(body["choices"]) == 2
 
 
-def test_generation_config_supplies_defaults_and_requests_win(servers, hf_models):
+def test_generation_config_supplies_defaults_and_requests_win(servers):
     s = servers["polylm-chat"]  # its generation_config.json: num_beams=4, early_stopping=True
     messages = [{"role": "user", "content": "Peking is de hoofdstad van China."}]
     default = chat(s, messages)["choices"][0]["message"]["content"]
     assert default == chat(s, messages, num_beams=4, early_stopping=True)["choices"][0]["message"]["content"]
     greedy = chat(s, messages, num_beams=1)["choices"][0]["message"]["content"]
-    model, tok = hf_models["polylm-chat"]
-    ids = tok("<|user|>\nPeking is de hoofdstad van China.\n<|assistant|>\n", return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**ids, do_sample=False, num_beams=1, max_new_tokens=24)
-    assert greedy == tok.decode(out[0], skip_special_tokens=True)[len(tok.decode(ids.input_ids[0], skip_special_tokens=True)):]
+    # the same prompt, greedy by temperature 0 with the default beams switched off: one search, one answer
+    plain = complete(s, "<|user|>\nPeking is de hoofdstad van China.\n<|assistant|>\n", max_tokens=24, num_beams=1,
+                     temperature=0)
+    assert greedy == plain["choices"][0]["text"]
     # asking for sampling drops the default beams instead of failing on the clash
     sampled = chat(s, messages, temperature=0.9, seed=7, n=2)
     assert len(sampled["choices"]) == 2

@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Load and abuse a running server; report what came back, and fail if anything was lost or answered 5xx.
+
+    .venv/bin/python scripts/loadtest.py --url http://127.0.0.1:8000 --clients 64 --seconds 600
+
+Each of N clients loops for T seconds, picking at random (seeded) one of:
+  chat or completion, streamed or not, greedy, sampled (temperature 1, top_p 0.9) or 2-beam search;
+  a stream it leaves after a few chunks (a client that disconnects);
+  a malformed request (bad JSON, wrong types, out-of-range values, an unknown model);
+  a prompt longer than the model's context.
+It counts requests sent and completed, answers by status, 5xx answers (must be 0), lost requests (sent but never
+answered, or answered but cut short: must be 0), p50/p99 latency of the requests that completed, and the server's
+resident memory (from /metrics) before and after, which must not grow past --max-growth-mib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from collections import Counter
+
+import httpx
+
+MALFORMED = [
+    (b"{not json", "application/json"),
+    (json.dumps({"messages": "hello"}).encode(), "application/json"),
+    (json.dumps({"prompt": "hi", "max_tokens": -3}).encode(), "application/json"),
+    (json.dumps({"prompt": "hi", "temperature": "hot"}).encode(), "application/json"),
+    (json.dumps({"prompt": "hi", "n": 100000}).encode(), "application/json"),
+    (json.dumps({"model": "no-such-model", "prompt": "hi"}).encode(), "application/json"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), "application/json"),
+    (b"\xff\xfe\x00garbage", "text/plain"),
+]
+
+
+def memory_mib(client: httpx.Client) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            return float(line.split()[1]) / 2**20
+    return float("nan")
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.sent = self.completed = self.lost = self.left = 0
+        self.status: Counter[int] = Counter()
+        self.latency: list[float] = []
+        self.kinds: Counter[str] = Counter()
+        self.problems: list[str] = []
+
+    def lose(self, kind: str, why: str) -> None:
+        self.lost += 1
+        if len(self.problems) < 20:
+            self.problems.append(f"{kind}: {why}")
+
+
+async def one(client: httpx.AsyncClient, rng: random.Random, model: str, context: int, t: Tally) -> None:
+    roll = rng.random()
+    chat = rng.random() < 0.5
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    text = rng.choice(["Tell me about rivers.", "Translate to French: good morning.", "Write a haiku about snow.",
+                       "北京是", "ما هي عاصمة مصر؟", "List three colors."])
+    body: dict = {"model": model, "max_tokens": rng.choice([8, 16, 32, 64])}
+    body.update({"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text})
+    if roll < 0.08:
+        kind = "malformed"
+        content, ctype = rng.choice(MALFORMED)
+        t.sent += 1
+        t.kinds[kind] += 1
+        start = time.perf_counter()
+        try:
+            r = await client.post(path, content=content, headers={"Content-Type": ctype})
+        except httpx.HTTPError as e:
+            t.lose(kind, repr(e))
+            return
+        t.status[r.status_code] += 1
+        if not 400 <= r.status_code < 500 or "error" not in r.json():
+            t.lose(kind, f"{r.status_code} {r.text[:200]}")
+        else:
+            t.completed += 1
+            t.latency.append(time.perf_counter() - start)
+        return
+    if roll < 0.12:
+        kind, body["max_tokens"] = "over-long prompt", 16
+        long = "word " * (context + 50)
+        body.update({"messages": [{"role": "user", "content": long}]} if chat else {"prompt": long})
+    elif roll < 0.20:
+        kind = "beam"
+        body.update({"num_beams": 2, "temperature": 0, "stream": rng.random() < 0.5})
+    elif roll < 0.30:
+        kind = "leaves mid-stream"
+        body.update({"stream": True, "max_tokens": 64})
+    else:
+        kind = "sampled" if rng.random() < 0.5 else "greedy"
+        body.update({"temperature": 1.0, "top_p": 0.9} if kind == "sampled" else {"temperature": 0})
+        body["stream"] = rng.random() < 0.5
+    t.sent += 1
+    t.kinds[kind] += 1
+    start = time.perf_counter()
+    try:
+        if body.get("stream"):
+            async with client.stream("POST", path, json=body) as r:
+                t.status[r.status_code] += 1
+                if r.status_code != 200:
+                    await r.aread()
+                    if kind == "over-long prompt" and r.status_code == 400:
+                        t.completed += 1
+                    else:
+                        t.lose(kind, f"{r.status_code} {r.text[:200]}")
+                    return
+                chunks, done = 0, False
+                async for line in r.aiter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: ") and '"error"' in line[:20]:
+                        t.lose(kind, line[:200])
+                        return
+                    chunks += 1
+                    if kind == "leaves mid-stream" and chunks >= 3:
+                        t.left += 1
+                        return
+                if not done:
+                    t.lose(kind, "stream ended without [DONE]")
+                    return
+        else:
+            r = await client.post(path, json=body)
+            t.status[r.status_code] += 1
+            expected = 400 if kind == "over-long prompt" else 200
+            if r.status_code != expected:
+                t.lose(kind, f"{r.status_code} {r.text[:200]}")
+                return
+    except httpx.HTTPError as e:
+        t.lose(kind, repr(e))
+        return
+    t.completed += 1
+    t.latency.append(time.perf_counter() - start)
+
+
+async def run(url: str, clients: int, seconds: float, seed: int) -> Tally:
+    with httpx.Client(base_url=url, timeout=30) as c:
+        card = c.get("/v1/models").json()["data"][0]
+    t = Tally()
+    stop = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+
+        async def worker(i: int) -> None:
+            rng = random.Random(seed * 1000 + i)
+            while time.monotonic() < stop:
+                await one(client, rng, card["id"], card.get("max_model_len", 2048), t)
+
+        await asyncio.gather(*[worker(i) for i in range(clients)])
+    return t
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-growth-mib", type=float, default=512, help="allowed growth of resident memory")
+    args = ap.parse_args()
+    with httpx.Client(base_url=args.url, timeout=30) as c:
+        before = memory_mib(c)
+    started = time.monotonic()
+    t = asyncio.run(run(args.url, args.clients, args.seconds, args.seed))
+    wall = time.monotonic() - started
+    with httpx.Client(base_url=args.url, timeout=30) as c:
+        time.sleep(1)
+        after = memory_mib(c)
+        health = c.get("/health").json()
+    fivexx = sum(n for s, n in t.status.items() if s >= 500)
+    report = {
+        "clients": args.clients, "seconds": round(wall, 1), "sent": t.sent, "completed": t.completed,
+        "left_mid_stream": t.left, "lost": t.lost, "status": dict(sorted(t.status.items())), "5xx": fivexx,
+        "kinds": dict(t.kinds), "latency_p50_s": round(pct(t.latency, 0.5), 3),
+        "latency_p99_s": round(pct(t.latency, 0.99), 3), "memory_before_mib": round(before, 1),
+        "memory_after_mib": round(after, 1), "server_after": health, "problems": t.problems,
+    }
+    print(json.dumps(report, indent=1, ensure_ascii=False))
+    grew = after - before
+    ok = fivexx == 0 and t.lost == 0 and grew <= args.max_growth_mib and t.sent == t.completed + t.left + t.lost
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
