@@ -1,4 +1,5 @@
-"""Request ids and API keys, as plain ASGI middleware: streamed responses pass through untouched."""
+"""Request ids and request logs, API keys, the body size limit and draining for shutdown, as plain ASGI middleware:
+streamed responses pass through untouched."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ class RequestLogMiddleware:
 
 class ApiKeyMiddleware:
     """`/v1/*` needs `Authorization: Bearer <key>` for one of the keys, compared in constant time; health,
-    readiness, metrics and the playground stay open. CORS preflights (OPTIONS) carry no credentials."""
+    readiness, version and metrics stay open. CORS preflights (OPTIONS) carry no credentials."""
 
     def __init__(self, app, keys: list[str]) -> None:
         self.app = app

@@ -10,11 +10,11 @@ import asyncio
 import logging
 import threading
 import time
-
-import torch
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from .batch import Batch
 from .beam import BeamSearch

@@ -29,11 +29,17 @@ def stream_in_background(url: str, max_tokens: int) -> tuple[threading.Event, li
     return first, lines, thread
 
 
-def test_sigterm_drains_streams_then_exits_0(start_server):
-    server = start_server("--shutdown-timeout", "60")
-    first, lines, thread = stream_in_background(server.url, 80)
+def sigterm_mid_stream(start_server, shutdown_timeout: str, max_tokens: int):
+    """A server with this --shutdown-timeout, a stream running on it, and SIGTERM sent once its first token came."""
+    server = start_server("--shutdown-timeout", shutdown_timeout)
+    first, lines, thread = stream_in_background(server.url, max_tokens)
     assert first.wait(60)
     server.proc.send_signal(signal.SIGTERM)
+    return server, lines, thread
+
+
+def test_sigterm_drains_streams_then_exits_0(start_server):
+    server, lines, thread = sigterm_mid_stream(start_server, "60", 80)
     time.sleep(0.3)
     ready = httpx.get(server.url + "/ready")
     assert ready.status_code == 503 and ready.json()["error"]["type"] == "server_error"
@@ -47,11 +53,8 @@ def test_sigterm_drains_streams_then_exits_0(start_server):
 
 
 def test_sigterm_past_the_timeout_ends_streams_with_an_error_event(start_server):
-    server = start_server("--shutdown-timeout", "1")
-    first, lines, thread = stream_in_background(server.url, 1500)
-    assert first.wait(60)
+    server, lines, thread = sigterm_mid_stream(start_server, "1", 1500)
     started = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
     thread.join(60)
     assert lines[-1] == "data: [DONE]"
     assert "shutting down" in json.loads(lines[-2][6:])["error"]["message"]
@@ -59,10 +62,7 @@ def test_sigterm_past_the_timeout_ends_streams_with_an_error_event(start_server)
 
 
 def test_a_second_sigterm_exits_at_once(start_server):
-    server = start_server("--shutdown-timeout", "60")
-    first, _, _ = stream_in_background(server.url, 1500)
-    assert first.wait(60)
-    server.proc.send_signal(signal.SIGTERM)
+    server, _, _ = sigterm_mid_stream(start_server, "60", 1500)
     time.sleep(0.3)
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(10) != 0
