@@ -130,7 +130,8 @@ def test_metrics_show_the_running_batch_its_cache_and_a_client_that_left(default
     body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 200, "n": 3,
             "stream": True, "ignore_eos": True}
     with httpx.stream("POST", default_server.url + "/v1/completions", json=body, timeout=60) as r:
-        first = next(line for line in r.iter_lines() if line)
+        lines = (line for line in r.iter_lines() if line)  # held open: a discarded iterator closes the connection
+        first = next(lines)
         assert r.status_code == 200 and '"text"' in first, first
         for _ in range(20):  # scraped while the request runs (it has 200 tokens to go)
             during = _samples(httpx.get(default_server.url + "/metrics").text)
