@@ -35,6 +35,7 @@ class Settings:
     fuse_prefill: bool = True
     log_level: str = "info"
     log_format: str = "text"
+    log_prompts: bool = False
     model_family: str = "auto"
     chat_template: str | None = None
     generation_config: str = "auto"
@@ -68,6 +69,8 @@ HELP = {
     "log_level": "debug, info, warning or error",
     "log_format": "text, or json: one JSON object per line (time, level, logger, request_id, message; per request: "
     "method, path, status, prompt_tokens, completion_tokens, latency_ms)",
+    "log_prompts": "add each request's prompt text (after the chat template) to its log line; off by default, so "
+    "prompts stay out of the logs",
     "model_family": "prompt format and end token: auto (detect from the model), polylm, polylm-multialpaca, "
     "polylm-chat, bloomz, hf (the model's own chat template)",
     "chat_template": "a Jinja chat template file that replaces the family's or the model's template",

@@ -10,7 +10,7 @@ import time
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 # fields a record may carry (logging's `extra=`) that the JSON lines include
-FIELDS = ("method", "path", "status", "prompt_tokens", "completion_tokens", "latency_ms")
+FIELDS = ("method", "path", "status", "prompt_tokens", "completion_tokens", "latency_ms", "prompt")
 
 
 class RequestIdFilter(logging.Filter):

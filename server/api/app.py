@@ -68,7 +68,7 @@ def create_app(settings: Settings, engine: Engine | None = None, info: ModelInfo
         engine, info = build_engine(settings)
     metrics = Metrics(engine)
     serving = OpenAIServing(engine, info or ModelInfo("model", FAMILIES["hf"], engine.config.max_model_len), metrics,
-                            settings.request_timeout or None)
+                            settings.request_timeout or None, settings.log_prompts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

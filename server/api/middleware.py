@@ -27,7 +27,7 @@ def _header(scope, name: bytes) -> bytes:
 class RequestLogMiddleware:
     """Takes the client's X-Request-ID (when it is a sane token) or makes one, echoes it on the response, and logs
     one line per request when its response (stream included) has ended: method, path, status, tokens, latency.
-    Prompt text is never logged."""
+    Prompt text only with --log-prompts (the serving layer then leaves it in the request's state)."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -60,9 +60,13 @@ class RequestLogMiddleware:
             if metrics is not None:
                 metrics.request_done(scope["path"], status[0], latency / 1000, usage)
             level = logging.DEBUG if scope["path"] in PROBES else logging.INFO  # probes every few seconds: quiet
-            log.log(level, "%s %s %d %.1f ms", scope["method"], scope["path"], status[0], latency,
-                     extra={"method": scope["method"], "path": scope["path"], "status": status[0], "latency_ms": latency,
-                            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens")})
+            extra = {"method": scope["method"], "path": scope["path"], "status": status[0], "latency_ms": latency,
+                     "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens")}
+            fmt, args = "%s %s %d %.1f ms", [scope["method"], scope["path"], status[0], latency]
+            if "prompt" in state:
+                extra["prompt"] = state["prompt"]
+                fmt, args = fmt + " prompt=%r", [*args, state["prompt"]]
+            log.log(level, fmt, *args, extra=extra)
             request_id.reset(token)
 
 

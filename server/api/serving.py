@@ -41,8 +41,9 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty
 
 class OpenAIServing:
     def __init__(self, engine: Engine, info: ModelInfo, metrics: Metrics | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, log_prompts: bool = False) -> None:
         self.engine = engine
+        self.log_prompts = log_prompts
         self.metrics = metrics
         self.timeout = timeout
         self.tokenizer = engine.tokenizer
@@ -200,6 +201,8 @@ class OpenAIServing:
         req = self._with_defaults(req)
         prompts = await asyncio.to_thread(self._prompts, req.prompt)
         ids = [p for p, _ in prompts]
+        if self.log_prompts:
+            raw.state.prompt = [text for _, text in prompts] if len(prompts) > 1 else prompts[0][1]
         params = [self._params(req, req.max_tokens, len(p)) for p in ids]
         best_of = req.n if req.use_beam_search or (req.num_beams or 1) > 1 else req.best_of or req.n
         if best_of > req.n:  # draw best_of candidates, each scored by its tokens' log-probabilities
@@ -225,6 +228,8 @@ class OpenAIServing:
         self._check_model(req)
         req = self._with_defaults(req)
         ids = await asyncio.to_thread(self._chat_prompt, req)
+        if self.log_prompts:
+            raw.state.prompt = self.tokenizer.decode(ids)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         job = self._start([ids], [self._params(req, max_tokens, len(ids))], "chatcmpl", raw)
         if req.stream:

@@ -58,8 +58,8 @@ def test_no_cors_by_default(tiny_server):
 
 def test_request_id_echoed_or_made_and_in_the_json_log_line(locked):
     auth = {"Authorization": "Bearer key-one"}
-    r = httpx.post(locked.url + "/v1/chat/completions", json={**CHAT, "stream": True},
-                   headers={**auth, "X-Request-ID": "trace-abc.123"})
+    secret = {**CHAT, "messages": [{"role": "user", "content": "violet harbor"}], "stream": True}
+    r = httpx.post(locked.url + "/v1/chat/completions", json=secret, headers={**auth, "X-Request-ID": "trace-abc.123"})
     assert r.headers["x-request-id"] == "trace-abc.123"
     made = httpx.get(locked.url + "/health").headers["x-request-id"]
     assert len(made) == 32 and made != "trace-abc.123"
@@ -72,7 +72,17 @@ def test_request_id_echoed_or_made_and_in_the_json_log_line(locked):
     summary = mine[-1]
     assert summary["path"] == "/v1/chat/completions" and summary["status"] == 200
     assert summary["prompt_tokens"] > 0 and summary["completion_tokens"] == 3 and summary["latency_ms"] > 0
-    assert all("Hi" not in line["message"] for line in lines)  # prompt text is not logged
+    assert "violet harbor" not in locked.log_path.read_text()  # prompt text is not logged unless asked
+
+
+def test_log_prompts_adds_the_prompt_text_to_the_request_line(start_server, tiny_llama_dir):
+    server = start_server("--model", str(tiny_llama_dir), "--served-model-name", "tiny", "--log-prompts")
+    httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "zebra quartz", "max_tokens": 2})
+    httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "violet harbor"}]})
+    time.sleep(0.3)
+    lines = [line for line in server.log_path.read_text().splitlines() if "server.requests" in line]
+    assert any("POST /v1/completions 200" in line and "prompt='zebra quartz'" in line for line in lines), lines
+    assert any("POST /v1/chat/completions 200" in line and "violet harbor" in line for line in lines), lines
 
 
 def test_version_and_readiness(tiny_server):
