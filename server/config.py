@@ -45,6 +45,7 @@ class Settings:
     quantization: str = "none"
     api_key: str | None = None
     cors_origins: str | None = None
+    playground: bool = True
 
 
 HELP = {
@@ -85,6 +86,8 @@ HELP = {
     "quantization": "load the weights in 8bit or 4bit with bitsandbytes (CUDA only), or none",
     "api_key": "require 'Authorization: Bearer <key>' on /v1/*; several keys separated by commas (health, readiness "
     "and metrics stay open)",
+    "playground": "serve the web playground at / (a chat and completion page over this server's API); "
+    "--no-playground turns it off",
     "cors_origins": "origins allowed to call the API from a browser, separated by commas, or '*' (default: no CORS)",
 }
 CHOICES = {

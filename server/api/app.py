@@ -21,6 +21,7 @@ from ..families import FAMILIES
 from .errors import install_handlers
 from .metrics import Metrics
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, DrainMiddleware, RequestLogMiddleware
+from .playground import mount_playground
 from .routes import router
 from .serving import ModelInfo, OpenAIServing
 
@@ -90,6 +91,8 @@ def create_app(settings: Settings, engine: Engine | None = None, info: ModelInfo
     app.state.started = int(time.time())
     install_handlers(app)
     app.include_router(router)
+    if settings.playground:
+        mount_playground(app)
     # the last added runs first: request id, then CORS (answers preflights), then the API key
     keys = [k.strip() for k in (settings.api_key or "").split(",") if k.strip()]
     if keys:
