@@ -28,13 +28,15 @@ class Metrics:
                              buckets=TOKEN_GAP, registry=r)
         self.latency = Histogram("polyglot_request_latency_seconds", "end-to-end latency of generation requests",
                                  buckets=LATENCY, registry=r)
+        self.engine = engine
+        self.usage = (0, 0, 0)  # the engine's cache usage, read once per scrape
         gauges = {
             "polyglot_running_requests": ("requests in the running batch or being prefilled", lambda: engine.num_running),
             "polyglot_waiting_requests": ("requests waiting for a place in the batch", lambda: engine.num_waiting),
-            "polyglot_batch_rows": ("rows in the running batch (a choice or a beam each)", lambda: engine.cache_usage()[0]),
+            "polyglot_batch_rows": ("rows in the running batch (a choice or a beam each)", lambda: self.usage[0]),
             "polyglot_kv_cache_tokens": ("tokens the running batch's KV cache spans (rows x width)",
-                                         lambda: engine.cache_usage()[1]),
-            "polyglot_kv_cache_bytes": ("bytes of KV-cache buffers allocated", lambda: engine.cache_usage()[2]),
+                                         lambda: self.usage[1]),
+            "polyglot_kv_cache_bytes": ("bytes of KV-cache buffers allocated", lambda: self.usage[2]),
         }
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, registry=r).set_function(read)
@@ -47,4 +49,5 @@ class Metrics:
             self.prompt_tokens.inc(usage["prompt_tokens"])
 
     def render(self) -> bytes:
+        self.usage = self.engine.cache_usage()
         return generate_latest(self.registry)

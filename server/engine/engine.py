@@ -7,6 +7,8 @@ results cross back with `loop.call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -27,6 +29,20 @@ from .scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 ATTENTION_DEPTH = 1024  # prompt tokens already fed past which a chunk's attention costs about as much again
+TRIM_SECONDS = 60.0  # how often, while busy, freed memory goes back to the OS (and always when the engine idles)
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None elsewhere. Tensors of every shape come and go each step; glibc keeps the freed
+    memory in its heaps and arenas, and a server under mixed load holds hundreds of MiB it no longer uses."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+MALLOC_TRIM = _malloc_trim()
 
 __all__ = ["Engine", "EngineConfig", "EngineError", "QueueFullError", "RequestStream"]
 
@@ -85,6 +101,7 @@ class Engine:
         self._stopping = False
         self._failing: str | None = None
         self.last_step = time.monotonic()  # when the engine last finished a step (or went idle)
+        self._trimmed = self.last_step
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # -- the asyncio side ---------------------------------------------------------------
@@ -190,7 +207,15 @@ class Engine:
                 except Exception as e:  # fail what was running, keep serving
                     log.exception("engine step failed")
                     self._fail(f"{type(e).__name__}: {e}")
+                self._release_memory()
             self.last_step = time.monotonic()
+
+    def _release_memory(self) -> None:
+        now = time.monotonic()
+        if MALLOC_TRIM is not None and (not self.scheduler.has_work() or now - self._trimmed > TRIM_SECONDS):
+            MALLOC_TRIM(0)
+            self._trimmed = time.monotonic()
+            log.debug("malloc_trim took %.1f ms", (self._trimmed - now) * 1000)
 
     def step(self) -> None:
         """One engine step: decode one token for every running row, and feed the prompts being prefilled their

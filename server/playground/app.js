@@ -259,7 +259,7 @@ async function send(event) {
   state.controller = controller;
   setBusy(true);
   const started = performance.now();
-  let first = null, chunks = 0, finish = null, usage = null, reply = "", failure = null;
+  let chunks = 0, finish = null, usage = null, reply = "", failure = null;
   try {
     const r = await fetch(url, { method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal });
     if (!r.ok) throw await serverError(r);
@@ -269,7 +269,6 @@ async function send(event) {
       for (const c of ev.choices || []) {
         const piece = chat ? c.delta && c.delta.content : c.text;
         if (piece) {
-          if (first === null) first = performance.now();
           reply += piece;
           chunks += 1;
           out.textContent = reply;
@@ -296,11 +295,11 @@ async function send(event) {
     return;
   }
   if (chat && reply) state.history.push({ role: "assistant", content: reply });
+  // from sending to the last token: beam search may hold its text back until the end, so there is no fair "first"
   const tokens = usage ? usage.completion_tokens : chunks;
-  const seconds = (ended - (first === null ? started : first)) / 1000;
-  const rate = tokens && seconds > 0 ? `${(tokens / seconds).toFixed(1)} tokens/s` : "";
-  const parts = [`${usage ? "" : "about "}${tokens} token${tokens === 1 ? "" : "s"}`, rate,
-    `finish: ${finish || (failure ? "error" : "none")}`];
+  const seconds = (ended - started) / 1000;
+  const parts = [`${usage ? "" : "about "}${tokens} token${tokens === 1 ? "" : "s"} in ${seconds.toFixed(1)} s`,
+    tokens ? `${(tokens / seconds).toFixed(1)} tokens/s` : "", `finish: ${finish || (failure ? "error" : "none")}`];
   finishMessage(answer, reply, parts.filter(Boolean).join(" · "));
   if (failure) showError(failure);
   input.focus();

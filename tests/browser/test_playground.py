@@ -66,7 +66,7 @@ class Page:
 
     def open(self, model: str) -> None:
         self.page.goto(self.server.url + "/")
-        self.page.wait_for_function(f"document.getElementById('model').textContent === {model!r}")
+        self.page.wait_for_function(f"() => document.getElementById('model').textContent === {model!r}")
 
     def send(self, text: str, max_tokens: int, temperature: str = "0") -> None:
         self.page.fill("#max_tokens", str(max_tokens))
@@ -192,6 +192,19 @@ def test_completion_mode_continues_the_prompt(page):
     assert page.page.input_value("#input") == "The three primary colors are"  # kept, to run again or extend
 
 
+def test_beams_and_stop_strings_reach_the_server(page):
+    page.open(MODEL)
+    page.page.fill("#num_beams", "2")
+    page.page.fill("#stop_strings", "\\n")  # typed as backslash-n: a newline
+    page.send("Name three colors.", max_tokens=24, temperature="0.9")  # beams leave temperature out
+    assert "finish:" in page.wait_done()
+    api = openai.OpenAI(base_url=page.server.url + "/v1", api_key="unused").chat.completions.create(
+        model=MODEL, max_tokens=24, stop=["\n"], extra_body={"num_beams": 2},
+        messages=[{"role": "user", "content": "Name three colors."}])
+    assert page.answers() == [api.choices[0].message.content]
+    assert "\n" not in page.answers()[0]
+
+
 def test_a_server_error_is_shown_in_plain_words(page):
     page.open(MODEL)
     page.send("Hello!", max_tokens=100_000)
@@ -224,10 +237,10 @@ def test_api_key_is_asked_for_and_kept_in_the_tab_only(browser, start_server, ti
         p.shot("api-key")
         p.page.fill("#key-input", "wrong")
         p.page.press("#key-input", "Enter")
-        p.page.wait_for_function("document.getElementById('key-why').textContent.includes('refused')")
+        p.page.wait_for_function("() => document.getElementById('key-why').textContent.includes('refused')")
         p.page.fill("#key-input", "sesame")
         p.page.press("#key-input", "Enter")
-        p.page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
+        p.page.wait_for_function("() => document.getElementById('model').textContent === 'tiny'")
         assert p.page.evaluate("sessionStorage.getItem('polyglot-api-key')") == "sesame"
         assert p.page.evaluate("localStorage.length") == 0
         p.send("Hi", max_tokens=4)
