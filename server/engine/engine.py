@@ -28,7 +28,7 @@ from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
-ATTENTION_DEPTH = 1024  # prompt tokens already fed past which a chunk's attention costs about as much again
+ATTENTION_DEPTH = 512  # prompt tokens fed past which a chunk is made smaller: it also attends to all before it
 TRIM_SECONDS = 60.0  # how often, while busy, freed memory goes back to the OS (and always when the engine idles)
 
 
