@@ -165,7 +165,8 @@ class OpenAIServing:
             out.append((ids, p if isinstance(p, str) else self.tokenizer.decode(ids)))
         return out
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    def _chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], str]:
+        """The chat's token ids and the text the template made of it."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest(
                 f"the model '{self.info.name}' ({self.info.family.title}) has no chat template: send a prompt to "
@@ -177,7 +178,7 @@ class OpenAIServing:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # a template may refuse a role order, for instance
             raise InvalidRequest(f"the chat template rejected these messages: {e}", "messages") from e
-        return self.tokenizer(text, add_special_tokens=self.chat_special_tokens)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=self.chat_special_tokens)["input_ids"], text
 
     def _start(self, prompts: list[list[int]], params: list[SamplingParams], prefix: str, raw: Request) -> Job:
         rid = f"{prefix}-{uuid.uuid4().hex}"
@@ -227,9 +228,9 @@ class OpenAIServing:
         req.check()
         self._check_model(req)
         req = self._with_defaults(req)
-        ids = await asyncio.to_thread(self._chat_prompt, req)
+        ids, text = await asyncio.to_thread(self._chat_prompt, req)
         if self.log_prompts:
-            raw.state.prompt = self.tokenizer.decode(ids)
+            raw.state.prompt = text
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         job = self._start([ids], [self._params(req, max_tokens, len(ids))], "chatcmpl", raw)
         if req.stream:

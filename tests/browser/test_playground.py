@@ -80,9 +80,9 @@ class Page:
 
     def wait_done(self, count: int = 1) -> str:
         """The stats line of the count-th answer, once it has ended."""
-        selector = f":is(.message.assistant, .message.completion) >> nth={count - 1}"
-        self.page.locator(selector).locator(".stats").wait_for(timeout=120_000)
-        return self.page.locator(selector).locator(".stats").text_content()
+        stats = self.page.locator(f":is(.message.assistant, .message.completion) >> nth={count - 1}").locator(".stats")
+        stats.wait_for(timeout=120_000)
+        return stats.text_content()
 
     def shot(self, name: str) -> None:
         self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
