@@ -92,8 +92,10 @@ def tiny_bloom_dir(tmp_path_factory, tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def family_models() -> dict[str, Path]:
-    """Tiny PolyLM-chat, PolyLM-MultiAlpaca, PolyLM-base (own code) and BLOOMZ models, built and trained on the
-    shipped multilingual text by scripts/make_test_models.py (cached between runs; about 40 s the first time)."""
+    """Tiny copies of the published PolyLM-1.7B, PolyLM-13B, PolyLM-MultiAlpaca-13B, PolyLM-Chat-13B and
+    BLOOMZ-560M checkpoints (their files, keys and quirks), plus PolyLM-1.7B with an NFKC-normalizing tokenizer,
+    built and trained on the shipped multilingual text by scripts/make_test_models.py (cached between runs; about
+    90 s on 2 cores the first time)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_test_models", ROOT / "scripts" / "make_test_models.py")
@@ -109,13 +111,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, wait: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(tempfile.mkstemp(prefix="server-", suffix=".log")[1])
         cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *args]
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        """Until /health answers 200; raises with the server's log if it exits first."""
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -138,10 +145,12 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def start_server() -> Iterator[Callable[..., ServerProcess]]:
+    """start(*flags) -> a healthy server; start(*flags, wait=False) starts it only (call .wait()), so that several
+    servers load their models side by side."""
     servers: list[ServerProcess] = []
 
-    def start(*args: str) -> ServerProcess:
-        servers.append(ServerProcess(*args))
+    def start(*args: str, wait: bool = True) -> ServerProcess:
+        servers.append(ServerProcess(*args, wait=wait))
         return servers[-1]
 
     yield start

@@ -10,6 +10,7 @@ import yaml
 
 from server.api.routes import router
 from server.config import Settings
+from server.families import FAMILY_CHOICES
 from tests.conftest import ROOT
 
 ROUTES = {route.path for route in router.routes}
@@ -28,6 +29,9 @@ def test_dockerfile(name):
     assert probe and probe.group(1) in ROUTES
     assert re.search(r'^ENTRYPOINT \["python", "-m", "server", "--host", "0\.0\.0\.0", "--port", "8000"\]', text, re.M)
     assert "VOLUME" in text and "EXPOSE 8000" in text
+    # where to say the family of a model mounted at /models/model, whose name says nothing
+    family = re.search(r"^ENV POLYGLOT_MODEL_FAMILY=(\S+)$", text, re.M)
+    assert family and family.group(1) in FAMILY_CHOICES and "--model-family polylm-chat" in text
 
 
 def test_cpu_image_bakes_the_default_model_with_real_code():
@@ -69,6 +73,8 @@ def test_deployment_matches_the_server():
     for env in container["env"]:
         assert env["name"].removeprefix("POLYGLOT_").lower() in {f for f in Settings.__dataclass_fields__} or \
             not env["name"].startswith("POLYGLOT_")
+    family = next(e["value"] for e in container["env"] if e["name"] == "POLYGLOT_MODEL_FAMILY")
+    assert family in FAMILY_CHOICES and args[args.index("--model") + 1] == "/models/model"
     labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
     assert docs["Service"]["spec"]["selector"].items() <= labels.items()
     assert docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()

@@ -59,6 +59,7 @@ def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
         family=loaded.family,
         max_model_len=max_model_len,
         dtype=str(loaded.dtype).removeprefix("torch."),
+        checkpoint_dtype=loaded.checkpoint_dtype,
         generation_defaults=loaded.generation_defaults,
     )
     return Engine(loaded.model, loaded.tokenizer, loaded.device, config), info

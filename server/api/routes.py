@@ -62,7 +62,8 @@ async def create_chat_completion(body: Chat, raw: Request, s: Serving) -> Respon
 def _model_card(s: OpenAIServing, created: int) -> dict:
     info = s.info
     return {"id": info.name, "object": "model", "created": created, "owned_by": "polyglot-server",
-            "family": info.family.name, "max_model_len": info.max_model_len, "dtype": info.dtype}
+            "family": info.family.name, "max_model_len": info.max_model_len, "dtype": info.dtype,
+            "checkpoint_dtype": info.checkpoint_dtype}
 
 
 @router.get("/v1/models")
@@ -114,5 +115,6 @@ async def metrics(raw: Request) -> Response:
 async def version(s: Serving) -> JSONResponse:
     """The server's version and what it runs on."""
     return JSONResponse({"version": __version__, "model": s.info.name, "family": s.info.family.name,
-                         "dtype": s.info.dtype, "torch": metadata.version("torch"),
+                         "dtype": s.info.dtype, "checkpoint_dtype": s.info.checkpoint_dtype,
+                         "torch": metadata.version("torch"),
                          "transformers": metadata.version("transformers")})

@@ -31,7 +31,8 @@ class ModelInfo:
     name: str  # the id clients send
     family: Family
     max_model_len: int
-    dtype: str = ""
+    dtype: str = ""  # served in
+    checkpoint_dtype: str = ""  # the weights as stored
     generation_defaults: dict[str, Any] = field(default_factory=dict)  # for fields a request leaves unset
 
 

@@ -1,9 +1,11 @@
 """Find and load a model: a local Hugging Face directory, a .gguf file, a hub id, or the embedded default.
 
-The model's family (server/families.py) is detected or given; it sets the tokenizer options, the chat template
-and extra end tokens. Weights load in the resolved dtype onto one device, or spread with an accelerate device map,
-optionally quantized by bitsandbytes. A GGUF file is dequantized by transformers, which takes ~20 s for the
-default model; the result is saved once as a Hugging Face directory under the cache folder and loaded from there.
+The model's family (server/families.py) is detected or given; it sets how the tokenizer is built, the chat
+template, extra end tokens and decoding defaults. Weights load in the resolved dtype (`auto` reads the stored dtype
+from config.json or, where it has none, from the weights) onto one device, or spread with an accelerate device map,
+optionally quantized by bitsandbytes; weights that do not match config.json stop start-up. A GGUF file is
+dequantized by transformers, which takes ~20 s for the default model; the result is saved once as a Hugging Face
+directory under the cache folder and loaded from there.
 """
 
 from __future__ import annotations
@@ -12,19 +14,25 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from ..config import Settings
 from ..families import FAMILIES, Family, detect
+from .checkpoint import TOKENIZER_FILES, has_tokenizer, sentencepiece_mismatch, weight_files, weights_dtype
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +53,9 @@ class Loaded:
     name: str  # a default id for clients
     device: torch.device  # where input ids go
     family: Family
-    dtype: torch.dtype
-    generation_defaults: dict[str, Any]  # from the checkpoint's generation_config.json, for unset request fields
+    dtype: torch.dtype  # served in
+    checkpoint_dtype: str  # the weights as stored ("bfloat16", ...; "gguf"; "unknown" where unreadable)
+    generation_defaults: dict[str, Any]  # generation_config.json's (or the family's), for unset request fields
 
 
 def default_gguf() -> Path:
@@ -209,18 +218,58 @@ def _source(model: str | None) -> tuple[Path | str, str]:
     return model, model
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception as one line, without the file path Python appends to import errors."""
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return re.sub(r" \((?:/|[A-Za-z]:\\)[^()]*\)$", "", text)
+
+
+def _code_error(e: ImportError, config: Any, source: Path | str) -> ModelLoadError:
+    """A checkpoint's own code that does not import: one line naming the module, what is missing, what to try."""
+    frames, tb = [], e.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    own = [f for f in frames if "transformers_modules" in f]  # where transformers copies a checkpoint's code
+    auto_map = getattr(config, "auto_map", None) or {}
+    module = Path(own[-1]).name if own else f"{str(next(iter(auto_map.values()), 'its code')).split('.')[0]}.py"
+    return ModelLoadError(
+        f"{source}: the checkpoint's own code, {module} (auto_map in config.json), cannot be imported with "
+        f"transformers {transformers.__version__}: {_first_line(e)}. It was written for another transformers "
+        "version: serve it from an environment with that version, or, if its model_type is a network transformers "
+        "has, remove auto_map from config.json to load transformers' own."
+    )
+
+
 def _config(source: Path | str, model: str | None, trust_remote_code: bool) -> Any:
+    where = source / "config.json" if isinstance(source, Path) else repr(model)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ImportError as e:
+        raise _code_error(e, None, source) from e
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ModelLoadError(
                 f"the model {model!r} ships its own Python code (see auto_map in its config.json). Read it, and if you "
                 "trust it start again with --trust-remote-code (or POLYGLOT_TRUST_REMOTE_CODE=1)."
             ) from e
-        raise ModelLoadError(f"could not read the configuration of {model!r}: {e}") from e
+        unknown = re.search(r"model type `([^`]*)`", str(e))
+        if unknown:
+            raise ModelLoadError(
+                f"{where}: model_type {unknown.group(1)!r} is not an architecture transformers "
+                f"{transformers.__version__} knows; a newer transformers may have it, or the checkpoint ships its "
+                "own code (auto_map) and needs --trust-remote-code"
+            ) from e
+        raise ModelLoadError(f"{where}: could not read the configuration: {_first_line(e)}") from e
     except OSError as e:
-        raise ModelLoadError(f"could not load model {model!r}: {e}") from e
+        raise ModelLoadError(f"could not load model {model!r}: {_first_line(e)}") from e
+
+
+def _uses_polylm_code(config: Any) -> bool:
+    """PolyLM-13B's config: model_type gpt2, with auto_map naming its modeling_polylm.py, an adapted copy of
+    transformers 4.31's GPT-2 whose imports transformers 5 no longer has."""
+    target = str((getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM", ""))
+    return getattr(config, "model_type", "") == "gpt2" and target.startswith("modeling_polylm.")
 
 
 def _has_sentencepiece(source: Path | str) -> bool:
@@ -228,9 +277,29 @@ def _has_sentencepiece(source: Path | str) -> bool:
     return isinstance(source, Path) and (source / "tokenizer.model").exists()
 
 
+# Checked at start-up against SentencePiece itself: the seed prompt, several scripts, runs of spaces, and
+# full-width characters (which an NFKC normalizer rewrites).
+SENTENCEPIECE_CHECKS = [
+    "Beijing is the capital of China.\nTranslate this sentence from English to Chinese.",
+    "北京是中国的首都。", "ปักกิ่งเป็นเมืองหลวงของประเทศจีน", "بكين هي عاصمة الصين.", "Пекин — столица Китая.",
+    " two  spaces, then a tab\tand a line\n", "ＦＵＬＬ　ＷＩＤＴＨ １２３",
+]
+
+
 def _tokenizer(source: Path | str, family: Family, trust_remote_code: bool) -> Any:
+    if isinstance(source, Path) and not has_tokenizer(source):
+        raise ModelLoadError(
+            f"{source}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the checkpoint's tokenizer files "
+            "into the folder"
+        )
+    from_spec = family.sentencepiece and _has_sentencepiece(source) and not (source / "tokenizer.json").exists()
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **family.tokenizer_kwargs)
+        if from_spec:
+            # transformers' own conversion of tokenizer.model (a Llama-style BPE) ignores the model's normalizer
+            # spec; this builds the tokenizer from that spec, so it encodes as SentencePiece does.
+            tokenizer = TokenizersBackend.from_pretrained(source)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as e:
         if _has_sentencepiece(source) and importlib.util.find_spec("google.protobuf") is None:
             # Without protobuf transformers falls back to a tiktoken reader and reports that instead.
@@ -238,7 +307,22 @@ def _tokenizer(source: Path | str, family: Family, trust_remote_code: bool) -> A
                 f"the tokenizer of {source} is a SentencePiece model (tokenizer.model) that transformers converts "
                 "when it loads it, and that needs protobuf: pip install protobuf"
             ) from e
-        raise ModelLoadError(f"could not load the tokenizer of {source}: {e}") from e
+        raise ModelLoadError(f"{source}: could not load the tokenizer: {_first_line(e)}") from e
+    if from_spec:
+        check_sentencepiece(tokenizer, source / "tokenizer.model")
+    return tokenizer
+
+
+def check_sentencepiece(tokenizer: Any, model_file: Path) -> str | None:
+    """Encode a few strings with the tokenizer and with SentencePiece itself; log a warning naming the first one
+    they disagree on (and return it)."""
+    differs = sentencepiece_mismatch(tokenizer, model_file, SENTENCEPIECE_CHECKS)
+    if differs is None:
+        return None
+    text, ours, theirs = differs
+    log.warning("the tokenizer's ids differ from SentencePiece's (%s) on %r: %s instead of %s; prompts are not "
+                "tokenized as the model was trained", model_file, text, ours, theirs)
+    return text
 
 
 def chat_template_text(value: str) -> str:
@@ -255,12 +339,117 @@ GENERATION_DEFAULTS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "r
                        "length_penalty", "early_stopping", "max_new_tokens")
 
 
-def generation_defaults(model: Any) -> dict[str, Any]:
-    """What the checkpoint's generation_config.json sets, away from transformers' defaults, that a request can set."""
+def generation_defaults(model: Any, family: Family) -> dict[str, Any]:
+    """What the checkpoint's generation_config.json sets, away from transformers' defaults, that a request can set;
+    the family's defaults for a checkpoint without one (transformers then derives one from config.json)."""
     config = getattr(model, "generation_config", None)
-    if config is None:
-        return {}
+    if config is None or getattr(config, "_from_model_config", False):
+        return dict(family.generation_defaults)
     return {k: v for k, v in config.to_diff_dict().items() if k in GENERATION_DEFAULTS and v is not None}
+
+
+def _drop_placeholder_ids(model: Any, family: Family) -> None:
+    """PolyLM's converter wrote bos = eos = vocab_size - 1 into most configs: a placeholder, not the end token
+    (</s> = 2, which every official script generates with). It must not end answers."""
+    placeholder = model.config.vocab_size - 1
+    config, dropped = model.generation_config, []
+    for attr in ("eos_token_id", "bos_token_id"):
+        value = getattr(config, attr, None)
+        ids = value if isinstance(value, list) else [value]
+        if placeholder in ids:
+            kept = [i for i in ids if i != placeholder]
+            setattr(config, attr, kept[0] if len(kept) == 1 else kept or None)
+            dropped.append(attr)
+    if dropped:
+        log.info("config.json's %s %d (vocab_size - 1) is the converter's placeholder, not a token: ignored",
+                 " and ".join(dropped), placeholder)
+
+
+def checkpoint_dtype(config: Any, source: Path | str) -> torch.dtype | None:
+    """The dtype the checkpoint's weights are stored in: config.json's dtype if it has one (no PolyLM or BLOOMZ
+    config does), else read from the weights files of a local folder."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(source, Path):
+        try:
+            return weights_dtype(source)
+        except Exception as e:  # an unreadable file: loading it reports the problem
+            log.debug("could not read the weights' dtype: %s", e)
+    return None
+
+
+@contextmanager
+def _load_report() -> Iterator[list[str]]:
+    """Keep transformers' load-report table out of the log (the loader says what matters in one line); yields the
+    reports it would have logged."""
+    reports: list[str] = []
+
+    def capture(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" in message:
+            reports.append(message)
+            return False
+        return True
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(capture)
+    try:
+        yield reports
+    finally:
+        logger.removeFilter(capture)
+
+
+def _weights_name(source: Path | str) -> str:
+    files = weight_files(source) if isinstance(source, Path) else []
+    if not files:
+        return str(source)
+    return str(files[0]) + (f" (and {len(files) - 1} more shards)" if len(files) > 1 else "")
+
+
+def _mismatch(reports: list[str]) -> str:
+    """The first size mismatch in transformers' load report, in words."""
+    for line in "\n".join(reports).splitlines():
+        found = re.search(r"^\s*(\S+)\s*\|\s*MISMATCH.*ckpt: torch\.Size\((\[[^\]]*\])\) "
+                          r"vs model: ?torch\.Size\((\[[^\]]*\])\)", line)
+        if found:
+            key, stored, wanted = found.groups()
+            return f"{key} is {stored} in the weights but {wanted} by config.json"
+    return "tensor shapes differ from what config.json describes"
+
+
+def _network(source: Path | str, config: Any, kwargs: dict[str, Any]) -> Any:
+    """The network, with every tensor its config.json describes taken from the weights: a weight that is missing
+    or shaped otherwise stops start-up (transformers would fill it with random values, or print a table)."""
+    weights = _weights_name(source)
+    try:
+        with _load_report() as reports:
+            net, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+    except ImportError as e:
+        raise _code_error(e, config, source) from e
+    except OSError as e:
+        raise ModelLoadError(f"could not load the weights from {source}: {_first_line(e)}") from e
+    except RuntimeError as e:
+        if "mismatched_sizes" in str(e) or "size mismatch" in str(e):
+            raise ModelLoadError(f"{weights}: the weights do not match config.json: {_mismatch(reports)}") from e
+        raise ModelLoadError(f"{weights}: could not load the weights: {_first_line(e)}") from e
+    except (ValueError, TypeError) as e:  # e.g. .bin pickles with torch older than 2.6, or a corrupt file
+        raise ModelLoadError(f"{weights}: could not load the weights: {_first_line(e)}") from e
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ModelLoadError(
+            f"{weights}: the weights do not match config.json: {len(missing)} tensor(s) of the network are not in "
+            f"them ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+        )
+    unused = sorted(info.get("unexpected_keys") or ())
+    if unused:  # PolyLM's attn.masked_bias buffers, for one: transformers' GPT-2 computes its mask itself
+        log.info("%d tensor(s) in the weights are not used by %s: %s%s", len(unused), type(net).__name__,
+                 ", ".join(unused[:3]), ", ..." if len(unused) > 3 else "")
+    return net
+
+
+def _dtype_name(dtype: torch.dtype | str | None) -> str:
+    return str(dtype).removeprefix("torch.") if dtype is not None else "unknown"
 
 
 def load(settings: Settings) -> Loaded:
@@ -268,23 +457,39 @@ def load(settings: Settings) -> Loaded:
     source, name = _source(settings.model)
     config = _config(source, settings.model, settings.trust_remote_code)
     if settings.model_family == "auto":
-        family = detect(config, [settings.model or name, str(source)], _has_sentencepiece(source))
+        family, found_by = detect(config, [settings.model or name, str(source)], _has_sentencepiece(source))
+        if found_by == "structure":
+            log.warning(
+                "the model family was guessed from the checkpoint's files (a GPT-2 network with a SentencePiece "
+                "tokenizer.model): %s. PolyLM-MultiAlpaca and PolyLM-Chat checkpoints have the same files; for one "
+                "of those start with --model-family polylm-multialpaca or --model-family polylm-chat "
+                "(POLYGLOT_MODEL_FAMILY)", family.name)
     else:
-        family = FAMILIES[settings.model_family]
+        family, found_by = FAMILIES[settings.model_family], "--model-family"
     tokenizer = _tokenizer(source, family, settings.trust_remote_code)
     if settings.chat_template:
         tokenizer.chat_template = chat_template_text(settings.chat_template)
     elif family.chat_template or not family.chat:
         tokenizer.chat_template = family.chat_template
 
+    trust_remote_code = settings.trust_remote_code
+    if _uses_polylm_code(config):
+        log.info("config.json names modeling_polylm.PolyLMHeadModel, PolyLM's adapted copy of transformers 4.31's "
+                 "GPT-2, which transformers 5 cannot import: loading transformers' own GPT2LMHeadModel, the network "
+                 "it adapts (the checkpoint's code is not run)")
+        trust_remote_code = False
+    elif (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM") and not trust_remote_code:
+        # transformers then loads its own network for the config's model_type, silently
+        log.warning("config.json's auto_map names the checkpoint's own code (%s), which runs only with "
+                    "--trust-remote-code: loading transformers' own network for model_type %r instead",
+                    config.auto_map["AutoModelForCausalLM"], config.model_type)
     spread = settings.device_map is not None or settings.quantization != "none"
     dev = resolve_device(settings.device)
-    checkpoint_dtype = getattr(config, "dtype", None)
-    if settings.model is None or settings.model.endswith(".gguf"):
-        # GGUF weights are quantized (4 to 8 bits): bf16 holds them as well as fp32 does, in half the bytes
-        checkpoint_dtype = torch.bfloat16
-    dtype = resolve_dtype(settings.dtype, dev, checkpoint_dtype if isinstance(checkpoint_dtype, torch.dtype) else None)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": settings.trust_remote_code}
+    stored = checkpoint_dtype(config, source)
+    gguf = settings.model is None or settings.model.endswith(".gguf")
+    # GGUF weights are quantized (4 to 8 bits): bf16 holds them as well as fp32 does, in half the bytes
+    dtype = resolve_dtype(settings.dtype, dev, torch.bfloat16 if gguf else stored)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if settings.quantization != "none":
         kwargs["quantization_config"] = quantization_config(settings.quantization, dtype)
     if spread:
@@ -293,15 +498,21 @@ def load(settings: Settings) -> Loaded:
             kwargs["max_memory"] = parse_max_memory(settings.max_memory)
     elif settings.max_memory:
         raise ModelLoadError("--max-memory applies only with --device-map")
-    try:
-        net = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as e:
-        raise ModelLoadError(f"could not load model {settings.model!r} from {source}: {e}") from e
+    transformers.utils.logging.disable_progress_bar()  # a progress bar per load is noise in a server's log
+    net = _network(source, config, kwargs)
     if not spread:
         net.to(dev)
     net.eval()
+    if family.placeholder_eos:
+        _drop_placeholder_ids(net, family)
     device = net.get_input_embeddings().weight.device  # where the input ids go; layers may sit elsewhere
-    log.info("loaded %s: family %s, %s on %s%s", name, family.name, dtype, device,
-             f", device map {sorted(set(map(str, net.hf_device_map.values())))}" if getattr(net, "hf_device_map", None) else "")
+    stored_name = "gguf" if gguf else _dtype_name(stored)
+    spread_over = sorted(set(map(str, net.hf_device_map.values()))) if getattr(net, "hf_device_map", None) else None
+    log.info("loaded %s: family %s (by %s), %s, weights stored in %s, served in %s on %s%s", name, family.name,
+             found_by, type(net).__name__, stored_name, _dtype_name(dtype), device,
+             f", device map {spread_over}" if spread_over else "")
+    defaults = generation_defaults(net, family) if settings.generation_config == "auto" else {}
+    if defaults:
+        log.info("generation defaults for fields a request leaves unset: %s", defaults)
     return Loaded(model=net, tokenizer=tokenizer, name=name, device=device, family=family, dtype=dtype,
-                  generation_defaults=generation_defaults(net) if settings.generation_config == "auto" else {})
+                  checkpoint_dtype=stored_name, generation_defaults=defaults)

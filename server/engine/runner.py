@@ -31,9 +31,12 @@ class Prefill:
 
 
 class ModelRunner:
-    def __init__(self, model: Any, device: torch.device) -> None:
+    def __init__(self, model: Any, device: torch.device, vocab_size: int | None = None) -> None:
         self.model = model
         self.device = device
+        # Logits past the tokenizer's last id are cut off: a padded vocabulary's extra ids (BLOOMZ has 200) are
+        # never sampled, never beams, never in log-probabilities.
+        self.vocab_size = vocab_size
         accepted = inspect.signature(model.forward).parameters
         # BLOOM uses ALiBi and takes no position ids; pass only what the model accepts.
         self.takes_positions = "position_ids" in accepted
@@ -47,7 +50,7 @@ class ModelRunner:
             kwargs["position_ids"] = positions
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = 0 if all_logits else 1
-        logits = self.model(input_ids=input_ids, **kwargs).logits
+        logits = self.model(input_ids=input_ids, **kwargs).logits[..., : self.vocab_size]
         return logits.float() if all_logits else logits[:, -1, :].float()
 
     def start_prefill(self, requests: list[Request]) -> Prefill:
@@ -154,7 +157,7 @@ class ModelRunner:
         step = fused.FusedStep(batch.cache, rows, batch.attention_mask.bool()[:, None, None, :], groups)
         logits = fused.forward(self.model, step, torch.cat(ids).unsqueeze(0),
                                torch.cat(positions).unsqueeze(0) if self.takes_positions else None,
-                               torch.tensor(keep, device=self.device))
+                               torch.tensor(keep, device=self.device))[:, : self.vocab_size]
         batch.positions = batch.positions + 1
         done, at = [], rows
         for p, end, last in spans:
