@@ -4,7 +4,7 @@
     python scripts/make_test_models.py [--out DIR]    # prints one line per model: name and directory
 
 Each folder reproduces its published checkpoint file for file and key for key (as far as the published files
-are known), only with 2 layers of 128: hand-written `config.json`, `tokenizer_config.json` and
+are known), only with 2 layers of 64: hand-written `config.json`, `tokenizer_config.json` and
 `special_tokens_map.json` (never `save_pretrained`, which writes keys the real files lack), no `torch_dtype`,
 no `generation_config.json`, and the weights in the published format:
 
@@ -46,7 +46,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TEXT = HERE / "data" / "multilingual.txt"
 NAMES = ("polylm-1.7b", "polylm-13b", "polylm-multialpaca-13b", "polylm-chat-13b", "polylm-1.7b-nfkc", "bloomz-560m")
-WIDTH, LAYERS, HEADS, POSITIONS = 128, 2, 4, 2048
+WIDTH, LAYERS, HEADS, POSITIONS = 64, 2, 4, 2048
 DROP = object()  # a key of the common layout that a checkpoint's config.json lacks
 
 # Our own stand-in, not the published code: its imports are those of PolyLM-13B's modeling_polylm.py, names

@@ -18,9 +18,18 @@ def test_flags_override_environment_override_defaults():
     assert parse_settings(["--port", "9002"], env=env).port == 9002
 
 
+def launch_server(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "server", "--port", "1", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def run_server(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "server", "--port", "1", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
+    return finished(launch_server(*args, env=env))
 
 
 def test_unreachable_hub_id_fails_fast_naming_it():
@@ -30,9 +39,10 @@ def test_unreachable_hub_id_fails_fast_naming_it():
 
 
 def test_missing_path_fails():
-    r = run_server("--model", "/no/such/model.gguf")
+    procs = launch_server("--model", "/no/such/model.gguf"), launch_server("--model", "./no-such-dir")  # side by side
+    r = finished(procs[0])
     assert r.returncode != 0 and "GGUF file not found" in r.stderr
-    r = run_server("--model", "./no-such-dir")
+    r = finished(procs[1])
     assert r.returncode != 0 and "neither a model directory" in r.stderr
 
 
@@ -49,10 +59,11 @@ def test_kv_cache_memory_sets_the_token_budget(start_server, tiny_llama_dir):
 
     assert parse_bytes("4GiB") == 4 * 2**30 and parse_bytes("512MiB") == 2**29 and parse_bytes("2GB") == 2 * 10**9
     # tiny Llama: 2 layers x 2 KV heads x 16 dims x keys and values x 4 bytes = 512 bytes a token
+    too_small = launch_server("--model", str(tiny_llama_dir), "--kv-cache-memory", "64KiB")  # starts meanwhile
     server = start_server("--model", str(tiny_llama_dir), "--kv-cache-memory", "512KiB", "--served-model-name", "t")
     body = {"model": "t", "prompt": "Hello", "max_tokens": 300, "temperature": 0}
     assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
     r = httpx.post(server.url + "/v1/completions", json={**body, "n": 4}, timeout=60)  # 4 rows x 302 > 1024 tokens
     assert r.status_code == 400 and "max_batch_tokens=1024" in r.json()["error"]["message"]
-    too_small = run_server("--model", str(tiny_llama_dir), "--kv-cache-memory", "64KiB")
+    too_small = finished(too_small)
     assert too_small.returncode != 0 and "--kv-cache-memory 64KiB holds 128 tokens" in too_small.stderr

@@ -4,6 +4,7 @@ device maps and quantization, and checkpoints that cannot load, each stopping wi
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -216,7 +217,7 @@ def break_checkpoint(family_models, tmp_path, how: str):
     elif how == "unknown-architecture":
         config["model_type"] = "polylm2"
     elif how == "wider-than-the-weights":
-        config["n_embd"] = 256
+        config["n_embd"] *= 2
     elif how == "missing-tensor":
         state = torch.load(path / "pytorch_model.bin", weights_only=True)
         del state["transformer.h.1.mlp.c_fc.weight"]
@@ -225,18 +226,19 @@ def break_checkpoint(family_models, tmp_path, how: str):
     return path
 
 
-@pytest.mark.parametrize(("how", "names"), [
-    ("no-tokenizer", ["no tokenizer", "tokenizer.model"]),
-    ("unknown-architecture", ["config.json", "'polylm2'"]),
-    ("wider-than-the-weights", ["pytorch_model.bin", "do not match config.json", "128] in the weights but", "256] by"]),
-    ("missing-tensor", ["pytorch_model.bin", "do not match config.json", "transformer.h.1.mlp.c_fc.weight"]),
+@pytest.mark.parametrize(("how", "says"), [
+    ("no-tokenizer", r"no tokenizer .*tokenizer\.model"),
+    ("unknown-architecture", r"config\.json: model_type 'polylm2' is not an architecture"),
+    ("wider-than-the-weights", r"pytorch_model\.bin: the weights do not match config\.json: \S+ is \[(\d+, )?64\] in the "
+                               r"weights but \[(\d+, )?128\] by config\.json"),
+    ("missing-tensor", r"pytorch_model\.bin: the weights do not match config\.json: .*transformer\.h\.1\.mlp\.c_fc\.weight"),
 ])
-def test_a_checkpoint_that_cannot_load_is_named_in_one_line(family_models, tmp_path, how, names):
+def test_a_checkpoint_that_cannot_load_is_named_in_one_line(family_models, tmp_path, how, says):
     path = break_checkpoint(family_models, tmp_path, how)
     with pytest.raises(ModelLoadError) as caught:
         load(Settings(model=str(path)))
     message = str(caught.value)
-    assert "\n" not in message and str(path) in message and all(n in message for n in names), message
+    assert "\n" not in message and message.startswith(str(path)) and re.search(says, message), message
 
 
 def test_start_up_prints_that_line_and_no_traceback(family_models, tmp_path):

@@ -348,7 +348,7 @@ def generation_defaults(model: Any, family: Family) -> dict[str, Any]:
     return {k: v for k, v in config.to_diff_dict().items() if k in GENERATION_DEFAULTS and v is not None}
 
 
-def _drop_placeholder_ids(model: Any, family: Family) -> None:
+def _drop_placeholder_ids(model: Any) -> None:
     """PolyLM's converter wrote bos = eos = vocab_size - 1 into most configs: a placeholder, not the end token
     (</s> = 2, which every official script generates with). It must not end answers."""
     placeholder = model.config.vocab_size - 1
@@ -504,7 +504,7 @@ def load(settings: Settings) -> Loaded:
         net.to(dev)
     net.eval()
     if family.placeholder_eos:
-        _drop_placeholder_ids(net, family)
+        _drop_placeholder_ids(net)
     device = net.get_input_embeddings().weight.device  # where the input ids go; layers may sit elsewhere
     stored_name = "gguf" if gguf else _dtype_name(stored)
     spread_over = sorted(set(map(str, net.hf_device_map.values()))) if getattr(net, "hf_device_map", None) else None

@@ -35,15 +35,16 @@ PROMPTS = [
 ]
 
 
-def test_greedy_output_does_not_depend_on_batching(start_server):
+def test_greedy_output_does_not_depend_on_batching(start_server, default_server):
     # In fp32. In bf16 (the default for this model on CPUs with native bf16) a matrix product's rounding depends
     # on the batch shape, so a greedy answer may change with what runs beside it, as in any bf16 server.
-    server = start_server("--dtype", "float32")
+    served = httpx.get(default_server.url + "/v1/models").json()["data"][0]["dtype"]
+    server = default_server if served == "float32" else start_server("--dtype", "float32")
 
     async def scenario():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
             def req(p):
-                return c.post("/v1/completions", json={"prompt": p, "max_tokens": 32, "temperature": 0})
+                return c.post("/v1/completions", json={"prompt": p, "max_tokens": 20, "temperature": 0})
             alone = [(await req(p)).json()["choices"][0]["text"] for p in PROMPTS]
             batched = await asyncio.gather(*[req(p) for p in PROMPTS])
             return alone, [r.json()["choices"][0]["text"] for r in batched]
@@ -62,11 +63,14 @@ MULTILINGUAL = [
 
 @pytest.mark.parametrize("question", MULTILINGUAL)
 def test_streaming_never_breaks_characters(client, question):
-    kwargs = dict(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=60,
+    kwargs = dict(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=40,
                   messages=[{"role": "user", "content": question}])
     full = client.chat.completions.create(**kwargs).choices[0].message.content
     pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
-    assert not any("\ufffd" in p for p in pieces), pieces
+    # no piece splits a character; only a character cut off by max_tokens shows as U+FFFD, at the very end
+    pieces = [p for p in pieces if p]
+    assert not any("\ufffd" in p for p in pieces[:-1]), pieces
+    assert "\ufffd" not in pieces[-1].rstrip("\ufffd") and ("\ufffd" not in pieces[-1] or full.endswith("\ufffd"))
     assert "".join(pieces) == full
 
 
@@ -74,7 +78,7 @@ def test_seeded_sampled_streams_in_many_scripts(client):
     # sampling reaches many multi-byte tokens; a stream may show U+FFFD only where the model's own text has it
     for seed in range(3):
         kwargs = dict(model="SmolLM2-135M-Instruct", prompt="中文，日本語，ไทย，العربية，עברית，😀:",
-                      max_tokens=40, temperature=1.2, seed=seed)
+                      max_tokens=30, temperature=1.2, seed=seed)
         full = client.completions.create(**kwargs).choices[0].text
         pieces = [c.choices[0].text for c in client.completions.create(**kwargs, stream=True) if c.choices]
         assert "".join(pieces) == full
