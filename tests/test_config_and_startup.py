@@ -28,21 +28,15 @@ def finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def run_server(*args, env=None):
-    return finished(launch_server(*args, env=env))
-
-
-def test_unreachable_hub_id_fails_fast_naming_it():
-    r = run_server("--model", "DAMO-NLP-MT/polylm-13b", env={"HF_HUB_OFFLINE": "1"})
+def test_a_model_that_is_not_there_fails_at_once_naming_it():
+    procs = (launch_server("--model", "DAMO-NLP-MT/polylm-13b", env={"HF_HUB_OFFLINE": "1"}),  # side by side
+             launch_server("--model", "/no/such/model.gguf"), launch_server("--model", "./no-such-dir"))
+    r = finished(procs[0])  # a hub id, offline
     assert r.returncode != 0
     assert "DAMO-NLP-MT/polylm-13b" in r.stderr and "cannot be reached" in r.stderr
-
-
-def test_missing_path_fails():
-    procs = launch_server("--model", "/no/such/model.gguf"), launch_server("--model", "./no-such-dir")  # side by side
-    r = finished(procs[0])
-    assert r.returncode != 0 and "GGUF file not found" in r.stderr
     r = finished(procs[1])
+    assert r.returncode != 0 and "GGUF file not found" in r.stderr
+    r = finished(procs[2])
     assert r.returncode != 0 and "neither a model directory" in r.stderr
 
 

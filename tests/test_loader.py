@@ -117,16 +117,6 @@ def test_own_code_needs_the_flag_and_runs_with_it(family_models, tmp_path):
     assert type(loaded.model).__name__ == "TinyOwnForCausalLM" and loaded.family.name == "hf"
 
 
-def test_own_code_that_cannot_be_imported_stops_with_one_plain_line(family_models, tmp_path):
-    broken = "from transformers.modeling_utils import SequenceSummary\n" + WORKING_CODE
-    path = str(own_code_checkpoint(family_models, tmp_path, broken))
-    r = subprocess.run([sys.executable, "-m", "server", "--port", "1", "--model", path, "--trust-remote-code"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    last = r.stderr.strip().splitlines()[-1]
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    assert last.startswith("error: ") and "modeling_tiny.py" in last and "SequenceSummary" in last, last
-
-
 def test_dtype_auto_reads_the_weights_when_the_config_has_none(family_models, tmp_path):
     native = torch.bfloat16 if cpu_has_bf16() else torch.float32
     print(f"this CPU computes bf16 natively: {cpu_has_bf16()}")
@@ -241,12 +231,21 @@ def test_a_checkpoint_that_cannot_load_is_named_in_one_line(family_models, tmp_p
     assert "\n" not in message and message.startswith(str(path)) and re.search(says, message), message
 
 
-def test_start_up_prints_that_line_and_no_traceback(family_models, tmp_path):
-    path = break_checkpoint(family_models, tmp_path, "wider-than-the-weights")
-    r = subprocess.run([sys.executable, "-m", "server", "--port", "1", "--model", str(path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert r.returncode == 1 and "Traceback" not in r.stderr and "LOAD REPORT" not in r.stderr, r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {path}"), r.stderr
+def test_start_up_prints_one_plain_line_and_no_traceback(family_models, tmp_path):
+    """Through `python -m server`, as a user meets them: a checkpoint whose own code cannot be imported (it needs a
+    name transformers 5 removed), and weights that do not match config.json. The two start side by side."""
+    broken_code = own_code_checkpoint(family_models, tmp_path,
+                                      "from transformers.modeling_utils import SequenceSummary\n" + WORKING_CODE)
+    wider = break_checkpoint(family_models, tmp_path, "wider-than-the-weights")
+    procs = [subprocess.Popen([sys.executable, "-m", "server", "--port", "1", "--model", str(path), *flags], cwd=ROOT,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for path, flags in ((broken_code, ["--trust-remote-code"]), (wider, []))]
+    for proc, path, names in zip(procs, (broken_code, wider), (["modeling_tiny.py", "SequenceSummary"],
+                                                               ["pytorch_model.bin", "do not match config.json"])):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in err and "LOAD REPORT" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"error: {path}") and all(n in last for n in names), last
 
 
 def test_device_map_auto_places_every_layer(family_models):

@@ -12,6 +12,8 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import start_side_by_side
+
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "test-artifacts" / "playground"
 MODEL = "SmolLM2-135M-Instruct"
@@ -228,8 +230,15 @@ def test_phone_sized_screen_has_no_sideways_scroll(browser, default_server):
         p.close()
 
 
-def test_api_key_is_asked_for_and_kept_in_the_tab_only(browser, start_server, tiny_llama_dir):
-    server = start_server("--model", str(tiny_llama_dir), "--served-model-name", "tiny", "--api-key", "sesame")
+@pytest.fixture(scope="module")
+def flagged(start_server, tiny_llama_dir):
+    """Servers with --api-key and with --no-playground, started together."""
+    tiny = ("--model", str(tiny_llama_dir), "--served-model-name", "tiny")
+    return start_side_by_side(start_server, key=(*tiny, "--api-key", "sesame"), off=(*tiny, "--no-playground"))
+
+
+def test_api_key_is_asked_for_and_kept_in_the_tab_only(browser, flagged):
+    server = flagged["key"]
     p = Page(browser, server, viewport={"width": 1200, "height": 900})
     try:
         p.page.goto(server.url + "/")  # the page itself is open; the API is not
@@ -251,9 +260,8 @@ def test_api_key_is_asked_for_and_kept_in_the_tab_only(browser, start_server, ti
         p.close()
 
 
-def test_no_playground_flag_turns_the_page_off(start_server, tiny_llama_dir, tiny_server):
-    on = tiny_server
-    off = start_server("--model", str(tiny_llama_dir), "--served-model-name", "tiny", "--no-playground")
+def test_no_playground_flag_turns_the_page_off(flagged, tiny_server):
+    on, off = tiny_server, flagged["off"]
     assert httpx.get(on.url + "/").status_code == 200
     assert httpx.get(on.url + "/playground/app.js").status_code == 200
     assert httpx.get(off.url + "/").status_code == 404

@@ -4,10 +4,18 @@ its config) and GPT-2 (learned absolute positions)."""
 import openai
 import pytest
 
+from tests.conftest import start_side_by_side
+
+
+@pytest.fixture(scope="module")
+def servers(start_server, tiny_bloom_dir, tiny_gpt2_dir):
+    return start_side_by_side(start_server, tiny_bloom_dir=("--model", str(tiny_bloom_dir), "--served-model-name", "m"),
+                              tiny_gpt2_dir=("--model", str(tiny_gpt2_dir), "--served-model-name", "m"))
+
 
 @pytest.mark.parametrize("fixture", ["tiny_bloom_dir", "tiny_gpt2_dir"])
-def test_serves_batched_streams(request, start_server, fixture):
-    server = start_server("--model", str(request.getfixturevalue(fixture)), "--served-model-name", "m")
+def test_serves_batched_streams(servers, fixture):
+    server = servers[fixture]
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     card = client.models.list().data[0].model_dump()
     assert card["max_model_len"] == (2048 if fixture == "tiny_bloom_dir" else 256)

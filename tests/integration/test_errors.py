@@ -6,6 +6,8 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import start_side_by_side
+
 GOOD_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 GOOD_COMPLETION = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
 
@@ -74,8 +76,15 @@ def test_context_overflow_names_both_numbers(tiny_server, validate):
     assert "512" in err["message"]
 
 
-def test_chat_without_template_is_400(start_server, tiny_gpt2_dir, validate):
-    server = start_server("--model", str(tiny_gpt2_dir), "--served-model-name", "gpt2ish")
+@pytest.fixture(scope="module")
+def servers(start_server, tiny_gpt2_dir):
+    """A model without a chat template, and the default model with room for one request running and one waiting."""
+    return start_side_by_side(start_server, no_template=("--model", str(tiny_gpt2_dir), "--served-model-name", "gpt2ish"),
+                              one_row=("--max-batch-size", "1", "--max-waiting", "1"))
+
+
+def test_chat_without_template_is_400(servers, validate):
+    server = servers["no_template"]
     r = httpx.post(server.url + "/v1/chat/completions", json={**GOOD_CHAT, "model": "gpt2ish"}, timeout=30)
     assert "chat template" in check_error(r, 400, validate, "messages")["message"]
     ok = httpx.post(server.url + "/v1/completions", json={**GOOD_COMPLETION, "model": "gpt2ish"}, timeout=30)
@@ -146,9 +155,9 @@ def test_disconnect_cancels_stream_and_plain_request(tiny_server):
     assert wait_idle(tiny_server), "request still running after the client left"
 
 
-def test_queue_full_is_503(start_server, validate):
+def test_queue_full_is_503(servers, validate):
     # the default model: slow enough on any machine that the first request is still running when the third arrives
-    server = start_server("--max-batch-size", "1", "--max-waiting", "1")
+    server = servers["one_row"]
     body = {"model": "SmolLM2-135M-Instruct", "prompt": "Long", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
 
     async def scenario():

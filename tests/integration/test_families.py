@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from server.families import POLYLM_DEMO_SAMPLING
-from tests.conftest import ROOT, sse_events
+from tests.conftest import ROOT, sse_events, start_side_by_side
 
 GREEDY = {"temperature": 0, "num_beams": 1}
 SCRIPTS = {"zh": r"[\u4e00-\u9fff]", "th": r"[\u0e00-\u0e7f]", "ar": r"[\u0600-\u06ff]"}
@@ -48,18 +48,15 @@ def servers(start_server, family_models, tmp_path_factory):
     commands = readme_commands()
     assert set(SERVED) <= set(commands), f"README rows without a fixture check: {set(SERVED) - set(commands)}"
     root = family_models["polylm-1.7b"].parent
-    started = {name: start_server(*[a.replace("/models/", f"{root}/", 1) for a in commands[name]], wait=False)
-               for name in SERVED}
+    servers = {name: [a.replace("/models/", f"{root}/", 1) for a in commands[name]] for name in SERVED}
     custom = tmp_path_factory.mktemp("custom") / "bloomz-560m-custom"
     shutil.copytree(family_models["bloomz-560m"], custom)
     (custom / "generation_config.json").write_text(json.dumps({"num_beams": 4, "early_stopping": True}))
     template = custom / "qa.jinja"
     template.write_text("{% for m in messages %}{{ 'Q: ' + m.content + '\\n' if m.role == 'user' else m.content + '\\n' }}"
                         "{% endfor %}{{ 'A:' }}")
-    started["custom"] = start_server("--model", str(custom), "--chat-template", str(template), wait=False)
-    for server in started.values():
-        server.wait()
-    return started
+    servers["custom"] = ["--model", str(custom), "--chat-template", str(template)]
+    return start_side_by_side(start_server, **servers)
 
 
 def post(server, path, body):

@@ -6,6 +6,9 @@ import threading
 import time
 
 import httpx
+import pytest
+
+from tests.conftest import start_side_by_side
 
 BODY = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "stream": True, "ignore_eos": True}
 
@@ -29,17 +32,23 @@ def stream_in_background(url: str, max_tokens: int) -> tuple[threading.Event, li
     return first, lines, thread
 
 
-def sigterm_mid_stream(start_server, shutdown_timeout: str, max_tokens: int):
-    """A server with this --shutdown-timeout, a stream running on it, and SIGTERM sent once its first token came."""
-    server = start_server("--shutdown-timeout", shutdown_timeout)
+@pytest.fixture(scope="module")
+def servers(start_server):
+    """One server per test (each is shut down), started together."""
+    return start_side_by_side(start_server, drain=("--shutdown-timeout", "60"), past=("--shutdown-timeout", "1"),
+                              second=("--shutdown-timeout", "60"))
+
+
+def sigterm_mid_stream(server, max_tokens: int):
+    """A stream running on the server, and SIGTERM sent once its first token came."""
     first, lines, thread = stream_in_background(server.url, max_tokens)
     assert first.wait(60)
     server.proc.send_signal(signal.SIGTERM)
     return server, lines, thread
 
 
-def test_sigterm_drains_streams_then_exits_0(start_server):
-    server, lines, thread = sigterm_mid_stream(start_server, "60", 80)
+def test_sigterm_drains_streams_then_exits_0(servers):
+    server, lines, thread = sigterm_mid_stream(servers["drain"], 80)
     time.sleep(0.3)
     ready = httpx.get(server.url + "/ready")
     assert ready.status_code == 503 and ready.json()["error"]["type"] == "server_error"
@@ -52,8 +61,8 @@ def test_sigterm_drains_streams_then_exits_0(start_server):
     assert server.proc.wait(30) == 0
 
 
-def test_sigterm_past_the_timeout_ends_streams_with_an_error_event(start_server):
-    server, lines, thread = sigterm_mid_stream(start_server, "1", 1500)
+def test_sigterm_past_the_timeout_ends_streams_with_an_error_event(servers):
+    server, lines, thread = sigterm_mid_stream(servers["past"], 1500)
     started = time.monotonic()
     thread.join(60)
     assert lines[-1] == "data: [DONE]"
@@ -61,8 +70,8 @@ def test_sigterm_past_the_timeout_ends_streams_with_an_error_event(start_server)
     assert server.proc.wait(30) == 0 and time.monotonic() - started < 15
 
 
-def test_a_second_sigterm_exits_at_once(start_server):
-    server, _, _ = sigterm_mid_stream(start_server, "60", 1500)
+def test_a_second_sigterm_exits_at_once(servers):
+    server, _, _ = sigterm_mid_stream(servers["second"], 1500)
     time.sleep(0.3)
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(10) != 0
