@@ -57,7 +57,7 @@ def smol(default_model_dir, tokenizer):
     engine.stop()
 
 
-@pytest.mark.parametrize("early_stopping, max_new", [(True, 16), (False, 16), ("never", 12)])
+@pytest.mark.parametrize("early_stopping, max_new", [(True, 12), (False, 12), ("never", 12)])
 def test_default_model_matches_hf(smol, tokenizer, early_stopping, max_new):
     model, engine = smol
     prompts = [chat_ids(tokenizer, q) for q in QUESTIONS]

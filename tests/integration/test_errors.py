@@ -158,7 +158,7 @@ def test_disconnect_cancels_stream_and_plain_request(tiny_server):
 def test_queue_full_is_503(servers, validate):
     # the default model: slow enough on any machine that the first request is still running when the third arrives
     server = servers["one_row"]
-    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Long", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Long", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
 
     async def scenario():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
