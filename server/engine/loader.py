@@ -454,6 +454,7 @@ def _dtype_name(dtype: torch.dtype | str | None) -> str:
 
 def load(settings: Settings) -> Loaded:
     """Load the model and tokenizer that the settings name, with the family's prompt format and end tokens."""
+    transformers.utils.logging.disable_progress_bar()  # progress bars (GGUF conversion, loading) are noise in a log
     source, name = _source(settings.model)
     config = _config(source, settings.model, settings.trust_remote_code)
     if settings.model_family == "auto":
@@ -498,7 +499,6 @@ def load(settings: Settings) -> Loaded:
             kwargs["max_memory"] = parse_max_memory(settings.max_memory)
     elif settings.max_memory:
         raise ModelLoadError("--max-memory applies only with --device-map")
-    transformers.utils.logging.disable_progress_bar()  # a progress bar per load is noise in a server's log
     net = _network(source, config, kwargs)
     if not spread:
         net.to(dev)
