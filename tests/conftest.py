@@ -154,6 +154,8 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
         return servers[-1]
 
     yield start
+    for s in servers:  # all at once: each drains and exits on its own
+        s.proc.terminate()
     for s in servers:
         s.stop()
 
