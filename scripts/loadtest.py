@@ -7,10 +7,16 @@ Each of N clients loops for T seconds, picking at random (seeded) one of:
   chat or completion, streamed or not, greedy, sampled (temperature 1, top_p 0.9) or 2-beam search;
   a stream it leaves after a few chunks (a client that disconnects);
   a malformed request (bad JSON, wrong types, out-of-range values, an unknown model);
-  a prompt longer than the model's context.
-It counts requests sent and completed, answers by status, 5xx answers (must be 0), lost requests (sent but never
-answered, or answered but cut short: must be 0), p50/p99 latency of the requests that completed, and the server's
-resident memory (from /metrics) before and after, which must not grow past --max-growth-mib.
+  a prompt longer than the model's context;
+  a hostile one (lone surrogates, CESU-8 bytes, 100,000-deep nesting, bad logit_bias keys, more prompts than the
+  server queues, Transfer-Encoding with Content-Length, control characters in the path): must be a 4xx in OpenAI's
+  shape;
+  a client that hangs up halfway through sending its body;
+  a slow reader, who reads its stream a few bytes at a time for a few seconds and then leaves.
+It counts requests sent and completed, answers by status, 5xx answers (must be 0, by the client's count and by the
+server's own polyglot_requests_total), lost requests (sent but never answered, or answered but cut short: must be
+0), p50/p99 latency of the requests that completed, and the server's resident memory (from /metrics) before and
+after, which must not grow past --max-growth-mib.
 """
 
 from __future__ import annotations
@@ -37,11 +43,50 @@ MALFORMED = [
 ]
 
 
+HOSTILE = [  # (method, path, raw body or None); each must get a 4xx in OpenAI's error shape
+    ("POST", "/v1/completions", b'{"prompt": "\\ud800abc", "max_tokens": 1}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udc00"}], "max_tokens": 1}'),
+    ("POST", "/v1/completions", b'{"prompt": "\xed\xa0\x80", "max_tokens": 1}'),
+    ("POST", "/v1/completions", b"[" * 100_000 + b"]" * 100_000),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": 1, "logit_bias": {"-1": 100}}'),
+    ("POST", "/v1/completions", json.dumps({"prompt": ["a"] * 5000, "max_tokens": 1}).encode()),
+    ("GET", "/x%0aFORGED%1b[2J%c2%9b", None),
+    ("SMUGGLE", "/v1/completions", None),  # Transfer-Encoding and Content-Length at once, on a raw connection
+]
+
+
 def memory_mib(client: httpx.Client) -> float:
     for line in client.get("/metrics").text.splitlines():
         if line.startswith("process_resident_memory_bytes "):
             return float(line.split()[1]) / 2**20
     return float("nan")
+
+
+def server_5xx(client: httpx.Client) -> float:
+    """5xx answers by the server's own count."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in client.get("/metrics").text.splitlines()
+               if line.startswith("polyglot_requests_total{") and 'status="5' in line)
+
+
+async def raw_exchange(url: str, data: bytes, close_after_send: bool = False) -> bytes:
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if close_after_send:
+            return b""
+        return await asyncio.wait_for(reader.read(), 60)
+    finally:
+        writer.close()
+
+
+def is_openai_error(status: int, body: bytes) -> bool:
+    try:
+        error = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return 400 <= status < 500 and isinstance(error.get("message"), str) and "type" in error
 
 
 class Tally:
@@ -58,8 +103,76 @@ class Tally:
             self.problems.append(f"{kind}: {why}")
 
 
+async def hostile(client: httpx.AsyncClient, rng: random.Random, t: Tally) -> None:
+    method, path, body = rng.choice(HOSTILE)
+    kind = "hostile"
+    t.sent += 1
+    t.kinds[kind] += 1
+    start = time.perf_counter()
+    try:
+        if method == "SMUGGLE":
+            answer = await raw_exchange(str(client.base_url), b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                                        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+            head, _, content = answer.partition(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+        else:
+            r = await client.request(method, path, content=body, headers={"Content-Type": "application/json"})
+            status, content = r.status_code, r.content
+    except (httpx.HTTPError, OSError, ValueError, asyncio.TimeoutError) as e:
+        t.lose(kind, f"{path}: {e!r}")
+        return
+    t.status[status] += 1
+    if not is_openai_error(status, content):
+        t.lose(kind, f"{method} {path}: {status} {content[:200]!r}")
+        return
+    t.completed += 1
+    t.latency.append(time.perf_counter() - start)
+
+
+async def hang_up_mid_body(client: httpx.AsyncClient, t: Tally) -> None:
+    t.sent += 1
+    t.kinds["hangs up mid-body"] += 1
+    try:
+        await raw_exchange(str(client.base_url), b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                           b"application/json\r\nContent-Length: 400\r\n\r\n{\"prompt\": \"half a bo",
+                           close_after_send=True)
+    except OSError as e:
+        t.lose("hangs up mid-body", repr(e))
+        return
+    t.left += 1
+
+
+async def slow_reader(client: httpx.AsyncClient, rng: random.Random, model: str, t: Tally) -> None:
+    """Reads its stream a few bytes every 0.2 s for 2 to 5 s, then leaves."""
+    t.sent += 1
+    t.kinds["slow reader"] += 1
+    body = {"model": model, "prompt": "Tell me a long story.", "max_tokens": 200, "stream": True, "logprobs": 5}
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                t.status[r.status_code] += 1
+                t.lose("slow reader", f"{r.status_code} {r.text[:200]}")
+                return
+            t.status[200] += 1
+            until = time.monotonic() + rng.uniform(2, 5)
+            async for _ in r.aiter_raw(16):
+                if time.monotonic() > until:
+                    break
+                await asyncio.sleep(0.2)
+    except httpx.HTTPError as e:
+        t.lose("slow reader", repr(e))
+        return
+    t.left += 1
+
+
 async def one(client: httpx.AsyncClient, rng: random.Random, model: str, context: int, t: Tally) -> None:
     roll = rng.random()
+    if roll > 0.90:
+        await (hostile(client, rng, t) if roll > 0.94 else hang_up_mid_body(client, t) if roll > 0.92
+               else slow_reader(client, rng, model, t))
+        return
+    roll /= 0.9  # the ordinary mix below, as it was
     chat = rng.random() < 0.5
     path = "/v1/chat/completions" if chat else "/v1/completions"
     text = rng.choice(["Tell me about rivers.", "Translate to French: good morning.", "Write a haiku about snow.",
@@ -171,25 +284,26 @@ def main() -> None:
     ap.add_argument("--max-growth-mib", type=float, default=512, help="allowed growth of resident memory")
     args = ap.parse_args()
     with httpx.Client(base_url=args.url, timeout=30) as c:
-        before = memory_mib(c)
+        before, before_5xx = memory_mib(c), server_5xx(c)
     started = time.monotonic()
     t = asyncio.run(run(args.url, args.clients, args.seconds, args.seed))
     wall = time.monotonic() - started
     with httpx.Client(base_url=args.url, timeout=30) as c:
         time.sleep(1)
-        after = memory_mib(c)
+        after, after_5xx = memory_mib(c), server_5xx(c)
         health = c.get("/health").json()
     fivexx = sum(n for s, n in t.status.items() if s >= 500)
     report = {
         "clients": args.clients, "seconds": round(wall, 1), "sent": t.sent, "completed": t.completed,
         "left_mid_stream": t.left, "lost": t.lost, "status": dict(sorted(t.status.items())), "5xx": fivexx,
+        "server_5xx": after_5xx - before_5xx,
         "kinds": dict(t.kinds), "latency_p50_s": round(pct(t.latency, 0.5), 3),
         "latency_p99_s": round(pct(t.latency, 0.99), 3), "memory_before_mib": round(before, 1),
         "memory_after_mib": round(after, 1), "server_after": health, "problems": t.problems,
     }
     print(json.dumps(report, indent=1, ensure_ascii=False))
     grew = after - before
-    ok = fivexx == 0 and t.lost == 0 and grew <= args.max_growth_mib and t.sent == t.completed + t.left + t.lost
+    ok = fivexx == 0 and after_5xx == before_5xx and t.lost == 0 and grew <= args.max_growth_mib and t.sent == t.completed + t.left + t.lost
     sys.exit(0 if ok else 1)
 
 

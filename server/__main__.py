@@ -12,6 +12,7 @@ import uvicorn
 
 from . import logs
 from .api.app import create_app
+from .api.protocol import ConnectionLimits, protocol_class
 from .config import parse_settings
 from .engine.loader import ModelLoadError
 
@@ -23,8 +24,11 @@ def main() -> None:
         app = create_app(settings)
     except ModelLoadError as e:
         sys.exit(f"error: {e}")
+    limits = ConnectionLimits(settings.header_timeout, settings.body_timeout, settings.write_timeout,
+                              settings.max_connections, app.state.metrics.dropped_connection)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                           log_config=None))
+                                           log_config=None, http=protocol_class(limits),
+                                           timeout_keep_alive=settings.keep_alive_timeout))
     app.state.exit = lambda: setattr(server, "should_exit", True)  # after the drain on SIGTERM
     server.run()
 

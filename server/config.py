@@ -30,6 +30,11 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     request_timeout: int = 600
     shutdown_timeout: int = 30
+    header_timeout: int = 10
+    body_timeout: int = 30
+    write_timeout: int = 30
+    keep_alive_timeout: int = 5
+    max_connections: int = 1000
     kv_cache_memory: str | None = None
     prefill_chunk: int = 64
     fuse_prefill: bool = True
@@ -46,6 +51,7 @@ class Settings:
     api_key: str | None = None
     cors_origins: str | None = None
     playground: bool = True
+    docs: bool = False
 
 
 HELP = {
@@ -64,6 +70,13 @@ HELP = {
     "event in a stream); 0: no limit",
     "shutdown_timeout": "on SIGTERM, seconds that requests in flight (streams too) may run on before they are ended "
     "with an error; readiness turns 503 and new requests get 503 at once (a second SIGTERM exits at once)",
+    "header_timeout": "seconds a client has to send a request's line and headers (from the connection opening, or "
+    "the previous response); past it, 408 and the connection closes",
+    "body_timeout": "seconds a client has to send a request's body; past it, 408 and the connection closes",
+    "write_timeout": "seconds a client may leave a response unread (a stream it stopped reading) before its "
+    "connection is dropped and its request ended",
+    "keep_alive_timeout": "seconds an idle keep-alive connection stays open",
+    "max_connections": "open connections at most; past it a new one gets 503 and is closed",
     "kv_cache_memory": "KV-cache budget in bytes (e.g. 4GiB, 512MiB); lowers --max-batch-tokens to what fits",
     "prefill_chunk": "prompt tokens fed per engine step while other requests stream (long prompts join over "
     "several steps instead of stalling the streams)",
@@ -88,6 +101,8 @@ HELP = {
     "and metrics stay open)",
     "playground": "serve the web playground at / (a chat and completion page over this server's API); "
     "--no-playground turns it off",
+    "docs": "serve FastAPI's /docs and /redoc pages (they load their scripts from a CDN); /openapi.json is always "
+    "served",
     "cors_origins": "origins allowed to call the API from a browser, separated by commas, or '*' (default: no CORS)",
 }
 CHOICES = {

@@ -12,17 +12,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
+from .. import __version__
 from ..config import Settings
 from ..engine.engine import Engine, EngineConfig
 from ..engine.loader import ModelLoadError, kv_bytes_per_token, load, parse_bytes
 from ..families import FAMILIES
 from .errors import install_handlers
 from .metrics import Metrics
-from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, DrainMiddleware, RequestLogMiddleware
+from .middleware import ApiCORSMiddleware, ApiKeyMiddleware, BodyGuardMiddleware, DrainMiddleware, RequestLogMiddleware
 from .playground import mount_playground
-from .routes import router
+from .routes import openapi_document, router
 from .serving import ModelInfo, OpenAIServing
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,9 @@ def create_app(settings: Settings, engine: Engine | None = None, info: ModelInfo
         yield
         engine.stop()
 
-    app = FastAPI(title="polyglot-server", lifespan=lifespan)
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None}
+    app = FastAPI(title="polyglot-server", version=__version__, lifespan=lifespan, **docs)
+    app.openapi = lambda: openapi_document(app)
     app.state.serving = serving
     app.state.metrics = metrics
     app.state.draining = False
@@ -100,11 +102,9 @@ def create_app(settings: Settings, engine: Engine | None = None, info: ModelInfo
         app.add_middleware(ApiKeyMiddleware, keys=keys)
     if settings.cors_origins:
         origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-                           expose_headers=["X-Request-ID"])
+        app.add_middleware(ApiCORSMiddleware, origins=origins)
     app.add_middleware(DrainMiddleware)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(BodyGuardMiddleware, limit=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(RequestLogMiddleware)
     return app
 

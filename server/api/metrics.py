@@ -22,6 +22,8 @@ class Metrics:
         self.generation_tokens = Counter("polyglot_generation_tokens", "tokens generated", registry=r)
         self.cancelled = Counter("polyglot_cancelled_requests", "requests whose client left before the end", registry=r)
         self.failed = Counter("polyglot_failed_requests", "requests ended by an error inside the engine", registry=r)
+        self.dropped = Counter("polyglot_dropped_connections", "connections dropped by a limit (header, body or "
+                               "write timeout, too many connections)", ["reason"], registry=r)
         self.ttft = Histogram("polyglot_time_to_first_token_seconds", "time to first token", buckets=LATENCY,
                               registry=r)
         self.itl = Histogram("polyglot_inter_token_latency_seconds", "time between a choice's tokens",
@@ -47,6 +49,9 @@ class Metrics:
         if usage:
             self.latency.observe(seconds)
             self.prompt_tokens.inc(usage["prompt_tokens"])
+
+    def dropped_connection(self, reason: str) -> None:
+        self.dropped.labels(reason).inc()
 
     def render(self) -> bytes:
         self.usage = self.engine.cache_usage()

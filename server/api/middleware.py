@@ -3,18 +3,30 @@ streamed responses pass through untouched."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
 import time
 import uuid
 
+from starlette.middleware.cors import CORSMiddleware
+
 from ..logs import request_id
 from .errors import error_response
 
 log = logging.getLogger("server.requests")
 PROBES = ("/health", "/ready", "/metrics")
-_ACCEPTED_ID = re.compile(r"[\w.:/+=@-]{1,128}")
+_ACCEPTED_ID = re.compile(r"[A-Za-z0-9_.:/+=@-]{1,128}")
+# on every response: no MIME sniffing, and pages may load and call only this server (the playground works offline
+# and a stray script cannot send prompts elsewhere); FastAPI's /docs and /redoc (off unless --docs) load their
+# scripts from a CDN, so they go without the policy
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                                 b"frame-ancestors 'self'"),
+]
+DOCS = ("/docs", "/docs/oauth2-redirect", "/redoc")
 
 
 def _header(scope, name: bytes) -> bytes:
@@ -25,9 +37,9 @@ def _header(scope, name: bytes) -> bytes:
 
 
 class RequestLogMiddleware:
-    """Takes the client's X-Request-ID (when it is a sane token) or makes one, echoes it on the response, and logs
-    one line per request when its response (stream included) has ended: method, path, status, tokens, latency.
-    Prompt text only with --log-prompts (the serving layer then leaves it in the request's state)."""
+    """Takes the client's X-Request-ID (when it is a sane ASCII token) or makes one, echoes it on the response with
+    the security headers, and logs one line per request when its response (stream included) has ended: method,
+    path, status, tokens, latency. Prompt text only with --log-prompts (the serving layer then leaves it in the request's state)."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -41,11 +53,12 @@ class RequestLogMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = rid
         status = [500]
+        headers = [(b"x-request-id", rid.encode())] + SECURITY_HEADERS[:1 if scope["path"] in DOCS else 2]
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                message["headers"] = [*message.get("headers", []), *headers]
             await send(message)
 
         token = request_id.set(rid)
@@ -95,13 +108,16 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-class BodyLimitMiddleware:
-    """Requests with a body over `limit` bytes get 413 before it is read (by Content-Length) or as soon as it passes
-    the limit (chunked uploads)."""
+class BodyGuardMiddleware:
+    """The request body: over `limit` bytes it gets 413 before it is read (by Content-Length) or as soon as it passes
+    the limit (chunked uploads); one that takes longer than `timeout` seconds to arrive gets 408; a request framed
+    two ways at once (Transfer-Encoding and Content-Length, the shape of request smuggling) gets 400. The last two
+    close the connection, whose framing can no longer be trusted."""
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit: int, timeout: float) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     def _too_large(self):
         return error_response(413, f"The request body is larger than this server's limit of {self.limit} bytes "
@@ -112,16 +128,28 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = _header(scope, b"content-length")
+        if declared and _header(scope, b"transfer-encoding"):
+            response = error_response(400, "The request has both Transfer-Encoding and Content-Length headers; "
+                                           "send one of them.", code="bad_framing", headers=CLOSE)
+            await response(scope, receive, send)
+            return
         if declared.isdigit() and int(declared) > self.limit:
             await self._too_large()(scope, receive, send)
             return
-        seen = 0
+        seen, more = 0, True
+        deadline = asyncio.get_running_loop().time() + self.timeout
 
-        async def counted():
-            nonlocal seen
-            message = await receive()
+        async def guarded():
+            nonlocal seen, more
+            if not more:  # the body is in; what follows is the wait for a disconnect, which has no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                raise _SlowBody from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                more = message.get("more_body", False)
                 if seen > self.limit:
                     raise _TooLarge
             return message
@@ -134,13 +162,25 @@ class BodyLimitMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, counted, tracked_send)
+            await self.app(scope, guarded, tracked_send)
         except _TooLarge:
             if not started:
                 await self._too_large()(scope, receive, send)
+        except _SlowBody:
+            if not started:
+                response = error_response(408, f"The request body did not arrive within this server's limit of "
+                                               f"{self.timeout:g} s (--body-timeout).", code="timeout", headers=CLOSE)
+                await response(scope, receive, send)
+
+
+CLOSE = {"Connection": "close"}
 
 
 class _TooLarge(Exception):
+    pass
+
+
+class _SlowBody(Exception):
     pass
 
 
@@ -166,3 +206,30 @@ class DrainMiddleware:
             await self.app(scope, receive, send)
         finally:
             state.inflight -= 1
+
+
+class _HeaderNames(list):
+    """The allowed request headers, and every `x-stainless-*` one: the OpenAI SDKs send several (OS, runtime,
+    retry count, timeout...), and their names grow with the SDKs' versions."""
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.startswith("x-stainless-") or super().__contains__(name)
+
+
+class ApiCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS with the headers the OpenAI SDKs send allowed: a preflight that passes has every header it
+    asked for allowed by name."""
+
+    def __init__(self, app, origins: list[str]) -> None:
+        super().__init__(app, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+                         allow_headers=["Authorization", "Content-Type", "X-Request-ID", "OpenAI-Organization",
+                                        "OpenAI-Project", "OpenAI-Beta", "Idempotency-Key"],
+                         expose_headers=["X-Request-ID"])
+        self.allow_headers = _HeaderNames(self.allow_headers)
+
+    def preflight_response(self, request_headers):
+        response = super().preflight_response(request_headers)
+        requested = request_headers.get("access-control-request-headers")
+        if response.status_code == 200 and requested:
+            response.headers["Access-Control-Allow-Headers"] = requested
+        return response

@@ -10,12 +10,8 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 FILES = Path(__file__).resolve().parent.parent / "playground"
-# the page may load and call only this server: it works offline and a stray script cannot send prompts elsewhere
-HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
-                               "frame-ancestors 'self'",
-    "Cache-Control": "no-cache",
-}
+# its Content-Security-Policy (this server only) is on every response, from the request middleware
+HEADERS = {"Cache-Control": "no-cache"}
 
 
 def mount_playground(app: FastAPI) -> None:

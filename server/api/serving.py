@@ -146,10 +146,10 @@ class OpenAIServing:
         return ids
 
     def _logit_bias(self, bias: dict[str, float]) -> tuple[tuple[int, float], ...]:
-        try:
-            ids = [int(k) for k in bias]
-        except ValueError as e:
-            raise InvalidRequest("logit_bias keys must be token ids (integers as strings)", "logit_bias") from e
+        for k in bias:  # not int(): it takes "-1" (the last id, by negative indexing), " 1 ", "+2" and "1_0"
+            if not (k.isascii() and k.isdigit()):
+                raise InvalidRequest(f"logit_bias keys must be token ids in decimal digits, not {k[:40]!r}", "logit_bias")
+        ids = [int(k) for k in bias]
         return tuple(zip(self._token_ids(ids, "logit_bias"), bias.values(), strict=True))
 
     def _prompts(self, prompt: Any) -> list[tuple[list[int], str]]:
@@ -158,6 +158,7 @@ class OpenAIServing:
             prompt = [prompt]
         if isinstance(prompt[0], int):
             prompt = [prompt]
+        self.engine.check_prompt_count(len(prompt))  # before tokenizing a million of them
         out = []
         for p in prompt:
             ids = self.tokenizer(p)["input_ids"] if isinstance(p, str) else self._token_ids(p, "prompt")
@@ -183,14 +184,7 @@ class OpenAIServing:
 
     def _start(self, prompts: list[list[int]], params: list[SamplingParams], prefix: str, raw: Request) -> Job:
         rid = f"{prefix}-{uuid.uuid4().hex}"
-        streams: list[RequestStream] = []
-        try:
-            for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
-                streams.append(self.engine.generate(ids, p, f"{rid}-{i}"))
-        except Exception:
-            for s in streams:
-                self.engine.abort(s.request_id)
-            raise
+        streams = self.engine.generate_all([(ids, p, f"{rid}-{i}") for i, (ids, p) in enumerate(zip(prompts, params, strict=True))])
         job = Job(rid, int(time.time()), self.info.name, streams, sum(map(len, prompts)), params[0].n, self.metrics,
                   self.timeout)
         raw.state.job = job  # the request's log line reads its usage

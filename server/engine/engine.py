@@ -141,16 +141,37 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
         """Queue a request; raises InvalidRequest or QueueFullError at once rather than later."""
+        return self.generate_all([(prompt_ids, params, request_id)])[0]
+
+    def generate_all(self, prompts: list[tuple[list[int], SamplingParams, str]]) -> list[RequestStream]:
+        """Queue the requests of one API call (one per prompt) together, or none of them: each must fit the
+        context, and all of them the batch limits and the waiting room at once, so that a call the server can
+        never take is a 400, not a 503 to retry forever."""
         loop = asyncio.get_running_loop()
-        stream = RequestStream(self, request_id)
-        request = Request(request_id, list(prompt_ids), params, lambda out: loop.call_soon_threadsafe(stream.queue.put_nowait, out))
-        self._check(request)
+        streams = [RequestStream(self, rid) for _, _, rid in prompts]
+        requests = [Request(rid, list(ids), params, lambda out, q=stream.queue: loop.call_soon_threadsafe(q.put_nowait, out))
+                    for (ids, params, rid), stream in zip(prompts, streams, strict=True)]
+        self.check_prompt_count(len(requests))
+        for request in requests:
+            self._check(request)
+        if not self.scheduler.fits_alone(*requests):
+            rows = sum(r.num_rows for r in requests)
+            raise InvalidRequest(
+                f"the request needs {rows} rows ({len(requests)} prompts x {requests[0].num_rows}) of up to "
+                f"{max(r.reserved_len for r in requests)} tokens, more than this server's batch limits "
+                f"(max_batch_size={self.config.max_batch_size}, max_batch_tokens={self.config.max_batch_tokens})",
+                "n" if requests[0].num_rows > 1 else "prompt")
         with self._cv:
-            if self.num_waiting >= self.config.max_waiting:
+            if self.num_waiting + len(requests) > self.config.max_waiting:
                 raise QueueFullError(f"the server is at capacity ({self.config.max_waiting} requests waiting); retry later")
-            self._inbox.append(request)
+            self._inbox += requests
             self._cv.notify()
-        return stream
+        return streams
+
+    def check_prompt_count(self, count: int) -> None:
+        if count > self.config.max_waiting:
+            raise InvalidRequest(f"a request may hold at most {self.config.max_waiting} prompts (the server's "
+                                 f"max_waiting), not {count}", "prompt")
 
     def fail_all(self, message: str) -> None:
         """End every request, running or waiting, with an error (the server is shutting down)."""

@@ -19,9 +19,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
-    def fits_alone(self, request: Request) -> bool:
-        """Whether the request could ever run (an empty batch admits it)."""
-        return request.num_rows <= self.max_batch_size and request.num_rows * request.reserved_len <= self.max_batch_tokens
+    def fits_alone(self, *requests: Request) -> bool:
+        """Whether the requests could ever run together (an empty batch admits them)."""
+        rows = sum(r.num_rows for r in requests)
+        return rows <= self.max_batch_size and rows * max(r.reserved_len for r in requests) <= self.max_batch_tokens
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)

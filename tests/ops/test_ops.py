@@ -7,29 +7,13 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import start_side_by_side
-
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
 
 
 @pytest.fixture(scope="module")
-def servers(start_server, tiny_llama_dir):
-    """The servers of this module's tests, started together."""
-    tiny = ("--model", str(tiny_llama_dir), "--served-model-name", "tiny")
-    return start_side_by_side(
-        start_server,
-        locked=(*tiny, "--api-key", "key-one,key-two", "--cors-origins", "https://app.example", "--log-format", "json"),
-        log_prompts=(*tiny, "--log-prompts"),
-        counted=tiny,  # its metrics count this module's requests only
-        small_bodies=(*tiny, "--max-body-bytes", "2000"),
-        timeout=("--request-timeout", "1"),
-    )
-
-
-@pytest.fixture(scope="module")
-def locked(servers):
+def locked(ops_servers):
     """Two API keys, CORS for one origin, JSON logs."""
-    return servers["locked"]
+    return ops_servers["locked"]
 
 
 def test_api_key_required_on_v1_with_openai_shaped_401(locked, validate):
@@ -90,8 +74,8 @@ def test_request_id_echoed_or_made_and_in_the_json_log_line(locked):
     assert "violet harbor" not in locked.log_path.read_text()  # prompt text is not logged unless asked
 
 
-def test_log_prompts_adds_the_prompt_text_to_the_request_line(servers):
-    server = servers["log_prompts"]
+def test_log_prompts_adds_the_prompt_text_to_the_request_line(ops_servers):
+    server = ops_servers["log_prompts"]
     httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "zebra quartz", "max_tokens": 2})
     httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "violet harbor"}]})
     time.sleep(0.3)
@@ -115,8 +99,8 @@ def _samples(text: str) -> dict[str, float]:
     return out
 
 
-def test_metrics_count_requests_tokens_and_latencies(servers):
-    server = servers["counted"]
+def test_metrics_count_requests_tokens_and_latencies(ops_servers):
+    server = ops_servers["counted"]
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
     out = client.completions.create(model="tiny", prompt="Hello there", max_tokens=5)
     stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
@@ -169,8 +153,8 @@ def test_metrics_show_the_running_batch_its_cache_and_a_client_that_left(default
     assert after["polyglot_cancelled_requests_total"] == before + 1
 
 
-def test_body_over_the_limit_is_413(servers, validate):
-    server = servers["small_bodies"]
+def test_body_over_the_limit_is_413(ops_servers, validate):
+    server = ops_servers["small_bodies"]
     big = {"model": "tiny", "prompt": "word " * 1000, "max_tokens": 1}
     r = httpx.post(server.url + "/v1/completions", json=big)
     assert r.status_code == 413
@@ -189,8 +173,8 @@ def test_body_over_the_limit_is_413(servers, validate):
     assert ok.status_code == 200
 
 
-def test_request_timeout_ends_requests_with_504_or_an_error_event(servers, validate):
-    server = servers["timeout"]
+def test_request_timeout_ends_requests_with_504_or_an_error_event(ops_servers, validate):
+    server = ops_servers["timeout"]
     body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True}
     started = time.monotonic()
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
