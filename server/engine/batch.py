@@ -58,10 +58,18 @@ class Batch:
         self.positions = self.positions.index_select(0, idx)
         self.next_tokens = self.next_tokens.index_select(0, idx)
         moved = [(i, j) for i, j in enumerate(indices) if i != j]
-        dst = torch.tensor([i for i, _ in moved], dtype=torch.long, device=device)
-        src = torch.tensor([j for _, j in moved], dtype=torch.long, device=device)
+        self.move_cache_rows([i for i, _ in moved], [j for _, j in moved], len(indices), trim)
+
+    def move_cache_rows(self, dst: list[int], src: list[int], rows: int, trim: int) -> None:
+        """Cache row dst[i] takes row src[i]'s content in every layer. With --device-map each layer's buffers are
+        on its own GPU, so the indices go to each device once."""
+        dst_t, src_t = torch.tensor(dst, dtype=torch.long), torch.tensor(src, dtype=torch.long)
+        on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in self.cache.live_layers():
-            layer.move_rows(dst, src, len(indices), trim)
+            where = layer.kbuf.device
+            if where not in on:
+                on[where] = (dst_t.to(where, non_blocking=True), src_t.to(where, non_blocking=True))
+            layer.move_rows(*on[where], rows, trim)
 
     @torch.inference_mode()
     def clear(self, rows: list[int]) -> None:

@@ -44,10 +44,8 @@ class BeamGroup:
     def step(self, logits: torch.Tensor) -> list[int]:
         """Advance one token. `logits` are the K rows' next-token logits; returns each row's parent row
         (the rows must be reordered so), after which row i continues with self.running[i][-1]."""
-        log_probs = logits.float().log_softmax(dim=-1)
-        vocab = log_probs.shape[-1]
-        acc = (log_probs + self.scores[:, None]).reshape(-1)
-        top_scores, top_idx = acc.topk(self.keep)
+        top_scores, top_idx = self.top_candidates(logits)
+        vocab = logits.shape[-1]
         parents = (top_idx // vocab).tolist()
         candidates = [self.running[b] + [t] for b, t in zip(parents, (top_idx % vocab).tolist(), strict=True)]
         at_limit = len(candidates[0]) >= self.max_tokens
@@ -78,6 +76,16 @@ class BeamGroup:
         all_full = bool(self.is_finished.all()) and self.early_stopping is True
         self.done = not self.improvable or all_full or bool(hits.all())
         return row_parents
+
+    def top_candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best `keep` continuations (accumulated score, flat index row * vocab + token), found where the
+        logits are (a GPU) and brought to the host in one copy; the rest of the bookkeeping is K to 2K numbers on
+        the host."""
+        log_probs = logits.float().log_softmax(dim=-1)
+        acc = (log_probs + self.scores.to(log_probs.device, non_blocking=True).unsqueeze(1)).reshape(-1)
+        top_scores, top_idx = acc.topk(self.keep)
+        both = torch.stack([top_scores.double(), top_idx.double()]).cpu()  # indices < 2**53: exact in float64
+        return both[0].float(), both[1].long()
 
     def _update_improvable(self) -> None:
         if self.early_stopping == "never" and self.length_penalty > 0.0:

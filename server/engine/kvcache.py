@@ -63,8 +63,12 @@ class InPlaceLayer(DynamicLayer):
         return self.keys, self.values
 
     def _view(self) -> None:
-        self.keys = self.kbuf[: self.rows, :, self.start : self.end]
-        self.values = self.vbuf[: self.rows, :, self.start : self.end]
+        self.keys = self._live(self.kbuf).narrow(0, 0, self.rows)
+        self.values = self._live(self.vbuf).narrow(0, 0, self.rows)
+
+    def _live(self, buf: torch.Tensor) -> torch.Tensor:
+        """Every row slot's live columns (narrow, not indexing: the same on any device, fake ones included)."""
+        return buf.narrow(2, self.start, self.width)
 
     def get_seq_length(self) -> int:
         return self.width
@@ -86,7 +90,7 @@ class InPlaceLayer(DynamicLayer):
             self.reallocate(_slots(rows), self.kbuf.shape[2], self.start)
         if dst.numel():
             for buf in (self.kbuf, self.vbuf):
-                live = buf[:, :, self.start : self.end]
+                live = self._live(buf)
                 live.index_copy_(0, dst, live.index_select(0, src))
         self.rows = rows
         self.start += trim

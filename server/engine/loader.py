@@ -126,12 +126,14 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str, device: torch.device, checkpoint: torch.dtype | None = None) -> torch.dtype:
-    """auto: on GPU the checkpoint's half precision (bf16 where supported, else fp16); on CPU a bf16 (or GGUF)
+    """auto: on GPU the checkpoint's half precision (bf16 on sm80 and newer, else fp16); on CPU a bf16 (or GGUF)
     checkpoint runs in bf16 where the CPU computes in bf16 natively (avx512_bf16, AMX), everything else in fp32."""
     if dtype != "auto":
         return DTYPES[dtype]
     if device.type == "cuda":
-        if checkpoint == torch.float16 or not torch.cuda.is_bf16_supported():
+        # bf16 needs Ampere (sm80) or newer; torch.cuda.is_bf16_supported() also says yes where it is only emulated
+        # (V100, T4), and asks the current device rather than this one
+        if checkpoint == torch.float16 or torch.cuda.get_device_capability(device) < (8, 0):
             return torch.float16
         return torch.bfloat16
     return torch.bfloat16 if checkpoint == torch.bfloat16 and cpu_has_bf16() else torch.float32
