@@ -62,6 +62,15 @@ class EngineConfig:
     fuse_prefill: bool = True  # decode and prefill chunks in one forward, where the model passes the check
 
 
+def _device_lost(e: Exception) -> bool:
+    """A CUDA error that sticks to the context (illegal memory access, device-side assert): every later kernel
+    fails too, so only a restart helps. Out-of-memory is not one of them."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return False
+    text = str(e)
+    return isinstance(e, torch.AcceleratorError) or "CUDA error" in text or "device-side assert" in text
+
+
 class RequestStream:
     """What `Engine.generate` returns: iterate it for RequestOutputs; leaving early aborts the request."""
 
@@ -100,6 +109,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._stopping = False
         self._failing: str | None = None
+        self.broken: str | None = None  # why the device can no longer run steps (then /health is 503)
         self.last_step = time.monotonic()  # when the engine last finished a step (or went idle)
         self._trimmed = self.last_step
         self._trim = MALLOC_TRIM is not None and torch.device(device).type == "cpu"
@@ -116,7 +126,8 @@ class Engine:
         self._thread.join(timeout=30)
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        """The thread runs and the device still works (a sticky CUDA error makes every later step fail)."""
+        return self._thread.is_alive() and self.broken is None
 
     def cache_usage(self) -> tuple[int, int, int]:
         """Rows in the running batch, the tokens its KV cache spans (rows x width), and the bytes of every KV
@@ -221,14 +232,19 @@ class Engine:
                 self.scheduler.add(r)
             for rid in aborts:
                 self._drop(rid)
-            if failing:
-                self._fail(failing, waiting=True)
+            if failing or self.broken:
+                self._fail(failing or self.broken, waiting=True)
             if self.scheduler.has_work():
                 try:
                     self.step()
                 except Exception as e:  # fail what was running, keep serving
                     log.exception("engine step failed")
                     self._fail(f"{type(e).__name__}: {e}")
+                    if _device_lost(e):
+                        self.broken = f"{type(e).__name__}: {e}"
+                        log.critical("the device is in an error state; every request will fail until the process "
+                                     "restarts (/health now answers 503)")
+                        self._fail(self.broken, waiting=True)
                 self._release_memory()
             self.last_step = time.monotonic()
 

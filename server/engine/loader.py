@@ -510,6 +510,9 @@ def load(settings: Settings) -> Loaded:
     dtype = resolve_dtype(settings.dtype, dev, torch.bfloat16 if gguf else stored)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if settings.quantization != "none":
+        if dev.type != "cuda" and torch.cuda.is_available():  # bitsandbytes would put the weights on GPU 0 anyway
+            raise ModelLoadError(f"--quantization {settings.quantization} runs on a CUDA GPU only, not with --device "
+                                 f"{settings.device}: drop one of the two")
         kwargs["quantization_config"] = quantization_config(settings.quantization, dtype)
     if spread:
         kwargs["device_map"] = settings.device_map or {"": dev.index or 0}

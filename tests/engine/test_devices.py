@@ -67,3 +67,12 @@ def test_auto_dtype_on_a_gpu_follows_its_compute_capability(monkeypatch, capabil
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
     assert resolve_dtype("auto", torch.device("cuda:1"), checkpoint) == want
     assert all(d == torch.device("cuda:1") for d in asked)  # the serving device, not the current one
+
+
+def test_quantization_with_device_cpu_is_refused_even_where_cuda_is_present(monkeypatch, tiny_gpt2_dir):
+    from server.config import Settings
+    from server.engine.loader import ModelLoadError, load
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ModelLoadError, match="--quantization 8bit runs on a CUDA GPU only"):
+        load(Settings(model=str(tiny_gpt2_dir), device="cpu", quantization="8bit"))

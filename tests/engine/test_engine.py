@@ -230,3 +230,28 @@ def test_an_exception_in_one_requests_decoding_fails_only_that_request(model_and
     assert ok[1][0] == hf_greedy(model, good, 12)
     assert "detokenizer exploded" in str(failed)
     assert engine.is_alive() and engine.num_running == 0
+
+
+def test_a_sticky_device_error_marks_the_engine_dead_and_fails_what_comes(tokenizer, tiny_llama_dir, monkeypatch):
+    """An illegal memory access sticks to a CUDA context: every later step would fail. The engine says so
+    (is_alive() turns False, so /health answers 503 and the pod is restarted) and ends new requests at once."""
+    from server.engine.engine import EngineError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    engine = Engine(model, tokenizer, torch.device("cpu"), EngineConfig(max_model_len=64, max_batch_size=4))
+
+    def broken_step():
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine, "step", broken_step)
+    engine.start()
+    try:
+        async def one(rid):
+            with pytest.raises(EngineError, match="illegal memory access"):
+                await collect(engine, [1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0), rid)
+
+        asyncio.run(one("first"))
+        assert not engine.is_alive() and "illegal memory access" in engine.broken
+        asyncio.run(asyncio.wait_for(one("later"), 10))  # ended, not left waiting
+    finally:
+        engine.stop()
