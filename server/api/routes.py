@@ -153,12 +153,16 @@ async def retrieve_model(model_id: str, raw: Request, s: Serving) -> JSONRespons
     return JSONResponse(_model_card(s, raw.app.state.started))
 
 
+def _engine_down(s: OpenAIServing) -> Response:
+    why = f"the engine cannot run: {s.engine.broken}" if s.engine.broken else "the engine thread has stopped"
+    return error_response(503, why)
+
+
 @router.get("/health", responses=errors(503))
 async def health(s: Serving) -> Response:
     """Liveness: the process is up and the engine thread is alive (503 otherwise: restart the pod)."""
     if not s.engine.is_alive():
-        return error_response(503, f"the engine cannot run: {s.engine.broken}" if s.engine.broken else
-                              "the engine thread has stopped")
+        return _engine_down(s)
     return JSONResponse({"status": "ok", "running": s.engine.num_running, "waiting": s.engine.num_waiting})
 
 
@@ -171,8 +175,7 @@ async def ready(raw: Request, s: Serving) -> Response:
     if getattr(raw.app.state, "draining", False):
         return error_response(503, "the server is shutting down", headers={"Retry-After": "1"})
     if not s.engine.is_alive():
-        return error_response(503, f"the engine cannot run: {s.engine.broken}" if s.engine.broken else
-                              "the engine thread has stopped")
+        return _engine_down(s)
     stalled = s.engine.stalled_for()
     if stalled > STALL_SECONDS:
         return error_response(503, f"the engine has not finished a step for {stalled:.0f} s")

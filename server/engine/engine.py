@@ -237,14 +237,13 @@ class Engine:
             if self.scheduler.has_work():
                 try:
                     self.step()
-                except Exception as e:  # fail what was running, keep serving
+                except Exception as e:  # fail what was running, keep serving (all of it, if the device is lost)
                     log.exception("engine step failed")
-                    self._fail(f"{type(e).__name__}: {e}")
                     if _device_lost(e):
                         self.broken = f"{type(e).__name__}: {e}"
                         log.critical("the device is in an error state; every request will fail until the process "
                                      "restarts (/health now answers 503)")
-                        self._fail(self.broken, waiting=True)
+                    self._fail(f"{type(e).__name__}: {e}", waiting=self.broken is not None)
                 self._release_memory()
             self.last_step = time.monotonic()
 
