@@ -25,7 +25,8 @@ class Settings:
     device: str = "auto"
     max_model_len: int | None = None
     max_batch_size: int = 64
-    max_batch_tokens: int = 131072
+    max_batch_tokens: int | None = None
+    gpu_memory_utilization: float = 0.9
     max_waiting: int = 256
     max_body_bytes: int = 4 * 1024 * 1024
     request_timeout: int = 600
@@ -63,7 +64,10 @@ HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "max_model_len": "maximum context (prompt + completion) in tokens (default: the model's)",
     "max_batch_size": "maximum rows in the running batch (a request with n choices takes n rows)",
-    "max_batch_tokens": "KV-cache budget in tokens: rows x longest reserved row (prompt + max_tokens) must fit",
+    "max_batch_tokens": "KV-cache budget in tokens: rows x longest reserved row (prompt + max_tokens) must fit "
+    "(default: on one GPU, what its memory holds; elsewhere 131072)",
+    "gpu_memory_utilization": "on a GPU, the fraction of its memory this server may use: weights, the largest "
+    "step's activations and the KV cache, which gets what the other two leave",
     "max_waiting": "maximum queued requests; past it new requests get 503",
     "max_body_bytes": "largest request body accepted, in bytes; larger ones get 413",
     "request_timeout": "seconds a generation request may run before it is ended with an error (504, or an error "
@@ -117,6 +121,8 @@ CHOICES = {
 
 
 def _type(default: object):
+    if isinstance(default, float):
+        return float
     return int if isinstance(default, int) and not isinstance(default, bool) else str
 
 
@@ -133,7 +139,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
                 f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=f"{HELP[f.name]} [env {var}]"
             )
             continue
-        kind = int if f.name in ("port", "max_model_len") else _type(f.default)
+        kind = int if f.name in ("port", "max_model_len", "max_batch_tokens") else _type(f.default)
         default = kind(env[var]) if var in env else f.default
         parser.add_argument(
             f"--{name}", type=kind, default=default, choices=CHOICES.get(f.name), help=f"{HELP[f.name]} [env {var}]"

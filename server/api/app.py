@@ -16,7 +16,9 @@ from fastapi import FastAPI
 from .. import __version__
 from ..config import Settings
 from ..engine.engine import Engine, EngineConfig
-from ..engine.loader import ModelLoadError, kv_bytes_per_token, load, parse_bytes
+from ..engine.loader import Loaded, ModelLoadError, kv_bytes_per_token, load, parse_bytes
+from ..engine.memory import cuda_devices, size_from_device, token_budget
+from ..engine.runner import ModelRunner
 from ..families import FAMILIES
 from .errors import install_handlers
 from .metrics import Metrics
@@ -26,6 +28,7 @@ from .routes import openapi_document, router
 from .serving import ModelInfo, OpenAIServing
 
 log = logging.getLogger(__name__)
+DEFAULT_BATCH_TOKENS = 131072  # the KV budget where it is not measured on the device (CPU, --device-map)
 
 
 def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
@@ -35,20 +38,11 @@ def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
     max_model_len = settings.max_model_len or model_len
     if max_model_len > model_len:
         raise ModelLoadError(f"--max-model-len {max_model_len} is longer than the model's context ({model_len})")
-    max_batch_tokens = settings.max_batch_tokens
-    if settings.kv_cache_memory:
-        per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
-        max_batch_tokens = min(max_batch_tokens, parse_bytes(settings.kv_cache_memory) // per_token)
-        if max_batch_tokens < max_model_len:
-            raise ModelLoadError(
-                f"--kv-cache-memory {settings.kv_cache_memory} holds {max_batch_tokens} tokens ({per_token} bytes each), "
-                f"fewer than one full-length request ({max_model_len}); raise it or lower --max-model-len"
-            )
-        log.info("KV cache budget: %s = %d tokens of %d bytes", settings.kv_cache_memory, max_batch_tokens, per_token)
+    max_batch_tokens = kv_budget(settings, loaded, max_model_len)
     config = EngineConfig(
         max_model_len=max_model_len,
         max_batch_size=settings.max_batch_size,
-        max_batch_tokens=max(max_batch_tokens, max_model_len),
+        max_batch_tokens=max_batch_tokens,
         max_waiting=settings.max_waiting,
         prefill_chunk=settings.prefill_chunk,
         fuse_prefill=settings.fuse_prefill,
@@ -65,10 +59,52 @@ def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
     return Engine(loaded.model, loaded.tokenizer, loaded.device, config), info
 
 
+def kv_budget(settings: Settings, loaded: Loaded, max_model_len: int) -> int:
+    """The KV-cache budget in tokens (rows x longest reserved row). On one CUDA device: what its memory holds after
+    the weights and a dry step at the largest batch, under --gpu-memory-utilization (memory.py). Elsewhere (CPU,
+    --device-map): --max-batch-tokens (131072 by default). --kv-cache-memory lowers either."""
+    per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
+    cap = parse_bytes(settings.kv_cache_memory) if settings.kv_cache_memory else None
+    devices = cuda_devices(loaded.model)
+    if not 0 < settings.gpu_memory_utilization <= 1:
+        raise ModelLoadError(f"--gpu-memory-utilization must be in (0, 1], not {settings.gpu_memory_utilization}")
+    if len(devices) == 1:
+        runner = ModelRunner(loaded.model, loaded.device, len(loaded.tokenizer), settings.max_batch_size, max_model_len)
+        b = size_from_device(runner, devices[0], settings.gpu_memory_utilization, per_token, settings.max_batch_size,
+                             max_model_len, settings.prefill_chunk)
+        kv_bytes = b.kv_bytes if cap is None else min(b.kv_bytes, cap)
+        tokens = token_budget(kv_bytes // per_token, settings.max_batch_size, max_model_len)
+        gib = 2**30
+        if tokens == 0:
+            raise ModelLoadError(
+                f"{devices[0]} has {kv_bytes / gib:.2f} GiB left for the KV cache (of {b.total / gib:.1f} GiB x "
+                f"--gpu-memory-utilization {settings.gpu_memory_utilization}: weights and the largest step take "
+                f"{b.peak / gib:.2f} GiB, other users {b.other / gib:.2f} GiB), less than one full-length row of "
+                f"{max_model_len} tokens with its spare; lower --max-model-len or --max-batch-size, or raise "
+                "--gpu-memory-utilization")
+        if settings.max_batch_tokens:
+            tokens = min(tokens, settings.max_batch_tokens)
+        log.info("KV cache on %s: %.2f GiB (%.1f GiB x %g, less %.2f GiB for weights and the largest step, %.2f GiB "
+                 "used outside this process) = a budget of %d tokens of %d bytes, spare rows and columns included",
+                 devices[0], kv_bytes / gib, b.total / gib, settings.gpu_memory_utilization, b.peak / gib,
+                 b.other / gib, tokens, per_token)
+        return max(tokens, max_model_len)
+    tokens = settings.max_batch_tokens or DEFAULT_BATCH_TOKENS
+    if cap is not None:
+        tokens = min(tokens, cap // per_token)
+        if tokens < max_model_len:
+            raise ModelLoadError(
+                f"--kv-cache-memory {settings.kv_cache_memory} holds {tokens} tokens ({per_token} bytes each), "
+                f"fewer than one full-length request ({max_model_len}); raise it or lower --max-model-len"
+            )
+        log.info("KV cache budget: %s = %d tokens of %d bytes", settings.kv_cache_memory, tokens, per_token)
+    return max(tokens, max_model_len)
+
+
 def create_app(settings: Settings, engine: Engine | None = None, info: ModelInfo | None = None) -> FastAPI:
     if engine is None:
         engine, info = build_engine(settings)
-    metrics = Metrics(engine)
+    metrics = Metrics(engine, cuda_devices(engine.runner.model))
     serving = OpenAIServing(engine, info or ModelInfo("model", FAMILIES["hf"], engine.config.max_model_len), metrics,
                             settings.request_timeout or None, settings.log_prompts)
 

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
-                               generate_latest)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+from ..engine.memory import device_memory
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/version", "/metrics")
 LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
@@ -13,7 +22,8 @@ TOKEN_GAP = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, devices=()) -> None:
+        """`devices`: the GPUs the model is on; their memory is read at each scrape."""
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open files
         self.requests = Counter("polyglot_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
@@ -42,6 +52,14 @@ class Metrics:
         }
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, registry=r).set_function(read)
+        self.devices = list(devices)
+        if self.devices:
+            self.device_gauges = [
+                Gauge("polyglot_device_memory_reserved_bytes", "device memory held by this process's allocator "
+                      "(weights, KV cache, activations, cached free blocks)", ["device"], registry=r),
+                Gauge("polyglot_device_memory_used_bytes", "device memory in live tensors", ["device"], registry=r),
+                Gauge("polyglot_device_memory_total_bytes", "the device's memory", ["device"], registry=r),
+            ]
 
     def request_done(self, path: str, status: int, seconds: float, usage: dict) -> None:
         endpoint = path if path in ENDPOINTS else "other"
@@ -55,4 +73,7 @@ class Metrics:
 
     def render(self) -> bytes:
         self.usage = self.engine.cache_usage()
+        for name, *values in device_memory(self.devices):
+            for gauge, value in zip(self.device_gauges, values, strict=True):
+                gauge.labels(name).set(value)
         return generate_latest(self.registry)

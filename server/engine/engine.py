@@ -98,7 +98,7 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, device: Any, config: EngineConfig) -> None:
         self.tokenizer = tokenizer
         self.config = config
-        self.runner = ModelRunner(model, device, vocab_size=len(tokenizer))
+        self.runner = ModelRunner(model, device, len(tokenizer), config.max_batch_size, config.max_model_len)
         self.scheduler = Scheduler(config.max_batch_size, config.max_batch_tokens)
         self.eos_ids = eos_token_ids(model, tokenizer) | set(config.eos_token_ids)
         self.batch: Batch | None = None

@@ -9,6 +9,10 @@ A decode step writes one column. Rows that join are copied in once; a row that l
 end (one row copied); the buffers are reallocated, with room to spare, only when they run out. The live region is
 what attention sees, so padding columns outside it cost nothing; the values left behind in spare slots are finite
 (zeros or old keys), so masked positions stay exact zeros in attention.
+
+The spare never takes a buffer past `max_rows` slots (the engine's --max-batch-size) or `max_cols` columns
+(--max-model-len): no row is longer, and no batch has more rows. `footprint` is the most a batch can allocate,
+which is what the KV budget on a GPU is sized by (memory.py).
 """
 
 from __future__ import annotations
@@ -28,10 +32,24 @@ def _slots(rows: int) -> int:
     return rows + max(4, rows // 4)
 
 
+def _capped(need: int, wanted: int, cap: int | None) -> int:
+    """`wanted` (need plus spare), but no more than `cap`, and never less than `need`."""
+    return max(need, wanted if cap is None else min(wanted, cap))
+
+
+def footprint(rows: int, longest: int, max_rows: int, max_cols: int) -> int:
+    """Tokens' worth of buffer that `rows` rows no longer than `longest` can hold allocated at once, whatever their
+    split between the running batch (spare slots up to `max_rows`, spare columns) and the caches of prompts still
+    being fed (exact rows, spare columns)."""
+    slots = max(min(_slots(batch), max_rows) + rows - batch for batch in range(1, rows + 1))
+    return slots * _capped(longest, longest + _spare(longest), max_cols)
+
+
 class InPlaceLayer(DynamicLayer):
-    def __init__(self, columns: int = 0) -> None:
+    def __init__(self, columns: int = 0, max_rows: int | None = None, max_cols: int | None = None) -> None:
         super().__init__()
         self.columns = columns  # columns to allocate at first (a prefill knows its width)
+        self.max_rows, self.max_cols = max_rows, max_cols
         self.kbuf: torch.Tensor | None = None
         self.vbuf: torch.Tensor | None = None
         self.rows = 0
@@ -44,7 +62,7 @@ class InPlaceLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         rows, heads, n, dim = key_states.shape
-        cols = max(self.columns, n + _spare(n))
+        cols = _capped(n, max(self.columns, n + _spare(n)), self.max_cols)
         self.kbuf = key_states.new_zeros((rows, heads, cols, dim))
         self.vbuf = value_states.new_zeros((rows, value_states.shape[1], cols, value_states.shape[3]))
         self.rows = rows
@@ -55,7 +73,8 @@ class InPlaceLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[2]
         if self.end + n > self.kbuf.shape[2]:
-            self.reallocate(self.rows, self.width + n + _spare(self.width + n))
+            need = self.width + n
+            self.reallocate(self.rows, _capped(need, need + _spare(need), self.max_cols))
         self.kbuf[: self.rows, :, self.end : self.end + n].copy_(key_states)
         self.vbuf[: self.rows, :, self.end : self.end + n].copy_(value_states)
         self.end += n
@@ -87,7 +106,7 @@ class InPlaceLayer(DynamicLayer):
     def move_rows(self, dst: torch.Tensor, src: torch.Tensor, rows: int, trim: int) -> None:
         """Row dst[i] takes row src[i]'s content; `rows` rows stay live; the first `trim` columns are dropped."""
         if rows > self.kbuf.shape[0]:
-            self.reallocate(_slots(rows), self.kbuf.shape[2], self.start)
+            self.reallocate(_capped(rows, _slots(rows), self.max_rows), self.kbuf.shape[2], self.start)
         if dst.numel():
             for buf in (self.kbuf, self.vbuf):
                 live = self._live(buf)
@@ -101,8 +120,8 @@ class InPlaceLayer(DynamicLayer):
         rows = self.rows + other.rows
         left = width - self.width  # columns to open before our live region
         if rows > self.kbuf.shape[0] or left > self.start:
-            slots = max(_slots(rows), self.kbuf.shape[0])
-            self.reallocate(slots, width + _spare(width), left)
+            slots = _capped(rows, _slots(rows), self.max_rows)  # sized for these rows, not for a batch gone by
+            self.reallocate(slots, _capped(width, width + _spare(width), self.max_cols), left)
         self.start -= left
         for mine, theirs in ((self.kbuf, other.keys), (self.vbuf, other.values)):
             mine[self.rows : rows, :, self.end - theirs.shape[2] : self.end] = theirs
@@ -114,10 +133,11 @@ class InPlaceLayer(DynamicLayer):
 class KVCache(DynamicCache):
     """A DynamicCache (as far as the model sees) whose layers write in place."""
 
-    def __init__(self, width: int = 0) -> None:
-        """`width`: the tokens the first forward brings (a prefill's prompt width), to allocate once."""
+    def __init__(self, width: int = 0, max_rows: int | None = None, max_cols: int | None = None) -> None:
+        """`width`: the tokens the first forward brings (a prefill's prompt width), to allocate once; `max_rows`
+        and `max_cols`: what the spare may grow each buffer to."""
         super().__init__()
-        self.layer_class_to_replicate = functools.partial(InPlaceLayer, width + _spare(width))
+        self.layer_class_to_replicate = functools.partial(InPlaceLayer, width + _spare(width), max_rows, max_cols)
 
     def live_layers(self) -> list[InPlaceLayer]:
         return [layer for layer in self.layers if isinstance(layer, InPlaceLayer) and layer.is_initialized]

@@ -16,9 +16,12 @@ import importlib.util
 import logging
 import os
 import re
+import resource
 import shutil
 import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -470,6 +473,26 @@ def _dtype_name(dtype: torch.dtype | str | None) -> str:
     return str(dtype).removeprefix("torch.") if dtype is not None else "unknown"
 
 
+def placement(settings: Settings, dev: torch.device) -> dict[str, Any]:
+    """Where from_pretrained puts the weights. On one GPU, straight there (`device_map={"": dev}`): through host
+    memory first would take the model's size in RAM and about twice the time. With --device-map or bitsandbytes,
+    accelerate places them. On CPU they load where they are used."""
+    if settings.device_map is not None or settings.quantization != "none":
+        out: dict[str, Any] = {"device_map": settings.device_map or {"": dev.index or 0}}
+        if settings.max_memory:
+            out["max_memory"] = parse_max_memory(settings.max_memory)
+        return out
+    if settings.max_memory:
+        raise ModelLoadError("--max-memory applies only with --device-map")
+    return {"device_map": {"": dev}} if dev.type != "cpu" else {}
+
+
+def peak_host_memory() -> int:
+    """This process's peak resident memory so far, in bytes (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def load(settings: Settings) -> Loaded:
     """Load the model and tokenizer that the settings name, with the family's prompt format and end tokens."""
     transformers.utils.logging.disable_progress_bar()  # progress bars (GGUF conversion, loading) are noise in a log
@@ -502,7 +525,6 @@ def load(settings: Settings) -> Loaded:
         log.warning("config.json's auto_map names the checkpoint's own code (%s), which runs only with "
                     "--trust-remote-code: loading transformers' own network for model_type %r instead",
                     config.auto_map["AutoModelForCausalLM"], config.model_type)
-    spread = settings.device_map is not None or settings.quantization != "none"
     dev = resolve_device(settings.device)
     stored = checkpoint_dtype(config, source)
     gguf = settings.model is None or settings.model.endswith(".gguf")
@@ -514,24 +536,21 @@ def load(settings: Settings) -> Loaded:
             raise ModelLoadError(f"--quantization {settings.quantization} runs on a CUDA GPU only, not with --device "
                                  f"{settings.device}: drop one of the two")
         kwargs["quantization_config"] = quantization_config(settings.quantization, dtype)
-    if spread:
-        kwargs["device_map"] = settings.device_map or {"": dev.index or 0}
-        if settings.max_memory:
-            kwargs["max_memory"] = parse_max_memory(settings.max_memory)
-    elif settings.max_memory:
-        raise ModelLoadError("--max-memory applies only with --device-map")
+    kwargs.update(placement(settings, dev))
+    started = time.perf_counter()
     net = _network(source, config, kwargs)
-    if not spread:
+    if "device_map" not in kwargs:
         net.to(dev)
+    seconds = time.perf_counter() - started
     net.eval()
     if family.placeholder_eos:
         _drop_placeholder_ids(net)
     device = net.get_input_embeddings().weight.device  # where the input ids go; layers may sit elsewhere
     stored_name = "gguf" if gguf else _dtype_name(stored)
     spread_over = sorted(set(map(str, net.hf_device_map.values()))) if getattr(net, "hf_device_map", None) else None
-    log.info("loaded %s: family %s (by %s), %s, weights stored in %s, served in %s on %s%s", name, family.name,
-             found_by, type(net).__name__, stored_name, _dtype_name(dtype), device,
-             f", device map {spread_over}" if spread_over else "")
+    log.info("loaded %s in %.1f s (peak host memory %.2f GiB): family %s (by %s), %s, weights stored in %s, served in "
+             "%s on %s%s", name, seconds, peak_host_memory() / 2**30, family.name, found_by, type(net).__name__,
+             stored_name, _dtype_name(dtype), device, f", device map {spread_over}" if len(spread_over or ()) > 1 else "")
     defaults = generation_defaults(net, family) if settings.generation_config == "auto" else {}
     if defaults:
         log.info("generation defaults for fields a request leaves unset: %s", defaults)

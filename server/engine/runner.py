@@ -16,6 +16,9 @@ from .request import Request, Sequence, TokenLogprob
 from .processors import process_logits
 from .sampling import sample, token_logprobs
 
+PROMPT_SLICE = 256  # prompt positions whose logits exist at once for prompt log-probabilities (echo): 256 x a
+# 256,000-token vocabulary x 4 bytes is 262 MB, where a whole 2,048-token prompt would take 2.1 GB a row
+
 
 @dataclass
 class Prefill:
@@ -31,9 +34,11 @@ class Prefill:
 
 
 class ModelRunner:
-    def __init__(self, model: Any, device: torch.device, vocab_size: int | None = None) -> None:
+    def __init__(self, model: Any, device: torch.device, vocab_size: int | None = None, max_rows: int | None = None,
+                 max_cols: int | None = None) -> None:
         self.model = model
         self.device = device
+        self.cache_limits = (max_rows, max_cols)  # what KV buffers may grow to: rows in a batch, tokens in a row
         # Logits past the tokenizer's last id are cut off: a padded vocabulary's extra ids (BLOOMZ has 200) are
         # never sampled, never beams, never in log-probabilities.
         self.vocab_size = vocab_size
@@ -42,16 +47,30 @@ class ModelRunner:
         self.takes_positions = "position_ids" in accepted
         self.takes_logits_to_keep = "logits_to_keep" in accepted
         self.fused = False  # set by enable_fused() when the model passes its check
+        # Prompt log-probabilities come from the network's last hidden states, through the output layer a slice of
+        # positions at a time; models that change their logits past that layer (soft-capping, a logit scale) take
+        # every position's logits from the model at once instead.
+        config = getattr(model, "config", None)
+        plain_head = not any(getattr(config, a, None) for a in ("final_logit_softcapping", "logit_scale"))
+        trunk = getattr(model, "base_model", model)
+        self.trunk = trunk if trunk is not model and plain_head and model.get_output_embeddings() is not None else None
 
-    def _forward(self, input_ids, attention_mask, positions, cache, all_logits: bool = False) -> torch.Tensor:
-        """Logits of the last position, (rows, vocab); of every position, (rows, tokens, vocab), if all_logits."""
+    def _inputs(self, attention_mask, positions, cache) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"attention_mask": attention_mask, "past_key_values": cache, "use_cache": True}
         if self.takes_positions:
             kwargs["position_ids"] = positions
+        return kwargs
+
+    def _forward(self, input_ids, attention_mask, positions, cache, all_logits: bool = False) -> torch.Tensor:
+        """Logits of the last position, (rows, vocab); of every position, (rows, tokens, vocab), if all_logits."""
+        kwargs = self._inputs(attention_mask, positions, cache)
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = 0 if all_logits else 1
         logits = self.model(input_ids=input_ids, **kwargs).logits[..., : self.vocab_size]
         return logits.float() if all_logits else logits[:, -1, :].float()
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden)[..., : self.vocab_size].float()
 
     def start_prefill(self, requests: list[Request]) -> Prefill:
         """Left-pad the prompts to one width (one row per request); `prefill_step` then feeds them in chunks."""
@@ -62,7 +81,8 @@ class ModelRunner:
             ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids) :] = 1
         mask = mask.to(self.device)
-        return Prefill(requests, ids.to(self.device), mask, (mask.cumsum(dim=1) - 1).clamp(min=0), KVCache(width))
+        return Prefill(requests, ids.to(self.device), mask, (mask.cumsum(dim=1) - 1).clamp(min=0),
+                       KVCache(width, *self.cache_limits))
 
     def prefill(self, requests: list[Request]) -> tuple[Batch, torch.Tensor]:
         """The whole prefill in one forward."""
@@ -72,22 +92,28 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill_step(self, p: Prefill, chunk: int) -> tuple[Batch, torch.Tensor] | None:
         """Feed the next `chunk` columns of the prompts; when the last one is in, return their batch and the
-        logits of each row's last position. Prompt log-probabilities (echo) need every position's logits at
-        once, so such a prefill runs whole."""
+        logits of each row's last position. Prompt log-probabilities (echo) need every position, so such a prefill
+        runs whole, and its logits are made a slice of positions at a time."""
         requests = p.requests
         wants = [r.params.prompt_logprobs is not None for r in requests]
+        echo = any(wants)
         width = p.ids.shape[1]
-        end = width if any(wants) else min(width, p.done + chunk)
-        logits = self._forward(p.ids[:, p.done : end], p.mask[:, :end], p.positions[:, p.done : end], p.cache,
-                               all_logits=any(wants))
+        end = width if echo else min(width, p.done + chunk)
+        ids, mask, positions = p.ids[:, p.done : end], p.mask[:, :end], p.positions[:, p.done : end]
+        head = None
+        if echo and self.trunk is not None:  # the last hidden states of every position
+            scores = self.trunk(input_ids=ids, **self._inputs(mask, positions, p.cache)).last_hidden_state
+            logits, head = self._head(scores[:, -1, :]), self._head
+        else:
+            scores = self._forward(ids, mask, positions, p.cache, all_logits=echo)
+            logits = scores[:, -1, :] if echo else scores
         p.done = end
         if end < width:
             return None
-        if any(wants):
-            for r, want, row_logits, row_ids in zip(requests, wants, logits, p.ids, strict=True):
-                if want:
-                    r.prompt_logprobs = self._prompt_logprobs(row_logits, row_ids, len(r.prompt_ids), r.params.prompt_logprobs)
-            logits = logits[:, -1, :]
+        for r, want, row_scores, row_ids in zip(requests, wants, scores, p.ids, strict=True):
+            if want:
+                r.prompt_logprobs = self._prompt_logprobs(row_scores, row_ids, len(r.prompt_ids),
+                                                          r.params.prompt_logprobs, head)
         return self._prefilled(p, logits)
 
     def enable_fused(self) -> bool:
@@ -220,16 +246,22 @@ class ModelRunner:
         return out
 
     @staticmethod
-    def _prompt_logprobs(logits: torch.Tensor, ids: torch.Tensor, length: int, k: int) -> list[TokenLogprob]:
-        """Each prompt token's log-probability given the tokens before it (none for the first), raw model scores."""
-        lp = logits[-length:-1].log_softmax(dim=-1)
-        targets = ids[-length + 1 :] if length > 1 else ids[:0]
-        chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
-        top = lp.topk(k, dim=-1) if k else None
+    def _prompt_logprobs(scores: torch.Tensor, ids: torch.Tensor, length: int, k: int, head=None) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given the tokens before it (none for the first), raw model scores.
+        `scores`: the row's logits, (width, vocab), or with `head` its last hidden states, (width, hidden), turned
+        into logits PROMPT_SLICE positions at a time."""
         out = [TokenLogprob(int(ids[-length]), None, [])]
-        for j, (t, c) in enumerate(zip(targets.tolist(), chosen, strict=True)):
-            alts = list(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True)) if top is not None else []
-            out.append(TokenLogprob(t, c, alts))
+        targets = ids[-length + 1 :].tolist() if length > 1 else []
+        for at in range(0, len(targets), PROMPT_SLICE):
+            n = min(PROMPT_SLICE, len(targets) - at)
+            part = scores.narrow(0, scores.shape[0] - length + at, n)
+            lp = (head(part) if head is not None else part).log_softmax(dim=-1)
+            want = torch.tensor(targets[at : at + n], device=lp.device)
+            chosen = lp.gather(1, want.unsqueeze(1)).squeeze(1).tolist()
+            top = lp.topk(k, dim=-1) if k else None
+            top_ids, top_lps = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+            for j, (t, c) in enumerate(zip(targets[at : at + n], chosen, strict=True)):
+                out.append(TokenLogprob(t, c, list(zip(top_ids[j], top_lps[j], strict=True)) if k else []))
         return out
 
     def new_generator(self, seed: int) -> torch.Generator:

@@ -76,3 +76,21 @@ def test_quantization_with_device_cpu_is_refused_even_where_cuda_is_present(monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ModelLoadError, match="--quantization 8bit runs on a CUDA GPU only"):
         load(Settings(model=str(tiny_gpt2_dir), device="cpu", quantization="8bit"))
+
+
+def test_one_gpu_gets_the_weights_straight_from_the_files(monkeypatch, tiny_gpt2_dir, caplog):
+    """device_map={"": device}: the weights go from the files to the device, not through host memory and .to().
+    Checked with the `meta` device standing in for a GPU: the model must arrive there with no copy made after."""
+    from server.config import Settings
+    from server.engine import loader
+
+    assert loader.placement(Settings(), torch.device("cuda:1")) == {"device_map": {"": torch.device("cuda:1")}}
+    assert loader.placement(Settings(), torch.device("cpu")) == {}
+    assert loader.placement(Settings(device_map="auto", max_memory="0=2GiB"), torch.device("cuda")) == {
+        "device_map": "auto", "max_memory": {0: "2GiB"}}
+    monkeypatch.setattr(loader, "resolve_device", lambda _: torch.device("meta"))
+    monkeypatch.setattr(torch.nn.Module, "to", lambda *a, **k: pytest.fail(".to() after loading"))
+    with caplog.at_level("INFO", logger="server.engine.loader"):
+        loaded = loader.load(Settings(model=str(tiny_gpt2_dir), dtype="float32"))
+    assert {p.device.type for p in loaded.model.parameters()} == {"meta"}
+    assert any(" s (peak host memory " in r.getMessage() for r in caplog.records)  # load time and host peak logged
