@@ -7,6 +7,9 @@ import sys
 # (about 0.27 MiB each here): under traffic of every batch size and prompt length that is 270 MiB held for good.
 # A step uses a handful of shapes, so 64 keep the steady state fast with the memory bounded. Set before torch loads.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+# On a GPU the KV buffers are reallocated at growing sizes; expandable segments let the caching allocator grow one
+# mapping instead of leaving blocks of every old size behind (fragmentation the KV budget does not count).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import uvicorn
 
