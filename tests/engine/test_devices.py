@@ -221,3 +221,21 @@ def test_a_beam_step_on_device_logits_equals_the_host_one():
     with VirtualCuda():
         got = run(lambda t: t.to("cuda:0"))
     assert got[0] == want[0] and got[1] == want[1] and torch.equal(host(got[2]), want[2])
+
+
+def test_prompt_logprobs_slices_stay_on_the_hidden_states_device(monkeypatch):
+    from server.engine import runner
+
+    monkeypatch.setattr(runner, "PROMPT_SLICE", 4)
+    torch.manual_seed(4)
+    hidden, weight, ids = torch.randn(11, 8), torch.randn(30, 8), torch.randint(0, 30, (11,))
+
+    def run(to):
+        w = to(weight)
+        return runner.ModelRunner._prompt_logprobs(to(hidden), to(ids), 9, 3, lambda h: (h @ w.T).float())
+
+    want = run(lambda t: t)
+    with VirtualCuda():
+        got = run(lambda t: t.to("cuda:0"))
+    assert [(lp.token_id, round(lp.logprob or 0, 5), lp.top) for lp in got] == \
+           [(lp.token_id, round(lp.logprob or 0, 5), lp.top) for lp in want]
