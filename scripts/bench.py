@@ -508,7 +508,9 @@ def main() -> None:
         result["beams"] = {"clients": c, "all_sampled_tokens_per_s": sampled["tokens_per_s"],
                            "quarter_4_beam_tokens_per_s": mixed["tokens_per_s"], "one_4_beam_request_s": alone["seconds"]}
     tok, model = load_model(hf_dir, dtype, device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    from scripts.gpu_check import weight_bytes as count_weight_bytes
+
+    weight_bytes = count_weight_bytes(model)
     bandwidth = memory_bandwidth_gbs(device)
     result["ceiling"] = {"dtype": dtype, "memory_bandwidth_gb_s": bandwidth, "weight_mb": round(weight_bytes / 1e6, 1),
                          "batch1_steps_per_s_ceiling": round(bandwidth * 1e9 / weight_bytes, 1),

@@ -334,14 +334,10 @@ def section_b(s: Section, device: torch.device, tiny: bool) -> None:
     check("row_leaving_mid_batch", row_leaves)
 
     def no_nan_after_padded_prefill():
-        from server.engine.request import Request, Sequence
+        from server.engine.runner import bare_requests
 
-        requests = []  # prefill() is the two-forward path, as with --no-fuse-prefill or echo
-        for k, ids in enumerate((prompts[0][:3], prompts[2][:20])):
-            r = Request(f"p{k}", ids, greedy(1), emit=lambda _: None)
-            r.sequences = [Sequence(r, 0, detok=None)]
-            requests.append(r)
-        batch, logits = engine.runner.prefill(requests)
+        # prefill() is the two-forward path, as with --no-fuse-prefill or echo
+        batch, logits = engine.runner.prefill(bare_requests((prompts[0][:3], prompts[2][:20]), greedy(1)))
         bad = [i for i, layer in enumerate(batch.cache.live_layers())
                if torch.isnan(layer.kbuf).any() or torch.isnan(layer.vbuf).any()]
         return not bad and not torch.isnan(logits).any(), f"layers with NaN in the cache: {bad}"

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..engine.engine import Engine, EngineError, RequestStream
+from ..engine.engine import Engine, EngineError
 from ..engine.params import InvalidRequest, SamplingParams
 from ..families import Family
 from .errors import APIError, error_body
@@ -184,7 +184,8 @@ class OpenAIServing:
 
     def _start(self, prompts: list[list[int]], params: list[SamplingParams], prefix: str, raw: Request) -> Job:
         rid = f"{prefix}-{uuid.uuid4().hex}"
-        streams = self.engine.generate_all([(ids, p, f"{rid}-{i}") for i, (ids, p) in enumerate(zip(prompts, params, strict=True))])
+        streams = self.engine.generate_all([(ids, p, f"{rid}-{i}")
+                                            for i, (ids, p) in enumerate(zip(prompts, params, strict=True))])
         job = Job(rid, int(time.time()), self.info.name, streams, sum(map(len, prompts)), params[0].n, self.metrics,
                   self.timeout)
         raw.state.job = job  # the request's log line reads its usage

@@ -134,7 +134,7 @@ class Engine:
         buffer allocated (running batch and prompts being prefilled). Read from another thread: a snapshot."""
         batch, prefills = self.batch, list(self.prefills)
         caches = ([batch.cache] if batch is not None else []) + [p.cache for p in prefills]
-        allocated = sum(layer.kbuf.nbytes + layer.vbuf.nbytes for c in caches for layer in c.live_layers())
+        allocated = sum(c.nbytes for c in caches)
         return (len(batch), len(batch) * batch.width, allocated) if batch is not None else (0, 0, allocated)
 
     def stalled_for(self) -> float:

@@ -141,3 +141,8 @@ class KVCache(DynamicCache):
 
     def live_layers(self) -> list[InPlaceLayer]:
         return [layer for layer in self.layers if isinstance(layer, InPlaceLayer) and layer.is_initialized]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every key and value buffer allocated, spare included."""
+        return sum(layer.kbuf.nbytes + layer.vbuf.nbytes for layer in self.live_layers())

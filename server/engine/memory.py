@@ -8,7 +8,6 @@ budget admission works with is the largest one whose buffers, spare included, fi
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +15,7 @@ import torch
 
 from .kvcache import footprint
 from .params import SamplingParams
-from .request import Request, Sequence
-
-log = logging.getLogger(__name__)
+from .runner import bare_requests
 
 
 @dataclass(frozen=True)
@@ -39,10 +36,9 @@ def token_budget(capacity: int, max_rows: int, max_cols: int) -> int:
         return all(footprint(r, min(max_cols, budget // r), max_rows, max_cols) <= capacity
                    for r in range(1, min(max_rows, budget) + 1))
 
-    lo, hi = 0, max_rows * max_cols
     if not fits(max_cols):
         return 0
-    lo = max_cols
+    lo, hi = max_cols, max_rows * max_cols
     while lo < hi:  # fits() holds at lo and is monotone in the budget
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
@@ -53,18 +49,11 @@ def dry_step(runner: Any, rows: int, prompt_tokens: int) -> int:
     """One prefill of `rows` prompts of `prompt_tokens` tokens and one sampled decode step over them: the largest
     step the engine takes (a fused step has these rows and at most a chunk of prompt tokens). Returns the bytes of
     KV cache it allocated, which the peak must not count twice."""
-    requests = []
-    for i in range(rows):
-        r = Request(f"dry-{i}", [0] * prompt_tokens, SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9),
-                    emit=lambda _: None)
-        r.sequences = [Sequence(r, 0, detok=None)]
-        requests.append(r)
-    batch, logits = runner.prefill(requests)
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9)
+    batch, logits = runner.prefill(bare_requests([[0] * prompt_tokens] * rows, params))
     runner.sample(batch, logits, set())
     runner.sample(batch, runner.decode(batch), set())
-    kv = sum(layer.kbuf.nbytes + layer.vbuf.nbytes for layer in batch.cache.live_layers())
-    del batch, logits
-    return kv
+    return batch.cache.nbytes
 
 
 def size_from_device(runner: Any, device: torch.device, utilization: float, per_token: int, max_rows: int,

@@ -20,6 +20,16 @@ PROMPT_SLICE = 256  # prompt positions whose logits exist at once for prompt log
 # 256,000-token vocabulary x 4 bytes is 262 MB, where a whole 2,048-token prompt would take 2.1 GB a row
 
 
+def bare_requests(prompts, params: SamplingParams) -> list[Request]:
+    """One-row requests that report nothing, for forwards the engine runs for itself (start-up checks, dry steps)."""
+    out = []
+    for i, ids in enumerate(prompts):
+        r = Request(f"internal-{i}", list(ids), params, emit=lambda _: None)
+        r.sequences = [Sequence(r, 0, detok=None)]
+        out.append(r)
+    return out
+
+
 @dataclass
 class Prefill:
     """Prompts being prefilled a chunk at a time: left-padded to one width, with a cache of their own until
@@ -133,12 +143,7 @@ class ModelRunner:
 
     def _fused_matches(self) -> bool:
         def requests(*prompts):
-            out = []
-            for ids in prompts:
-                r = Request("check", ids, SamplingParams(max_tokens=4, temperature=0.0), emit=lambda _: None)
-                r.sequences = [Sequence(r, 0, detok=None)]
-                out.append(r)
-            return out
+            return bare_requests(prompts, SamplingParams(max_tokens=4, temperature=0.0))
 
         running, first, second = ([1, 2, 3, 4, 5], [6, 7, 8]), ([9, 10, 11, 12, 13, 14, 15], [3, 4]), ([20, 21, 22],)
         batch, logits = self.prefill(requests(*running))

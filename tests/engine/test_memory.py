@@ -155,7 +155,6 @@ def test_prompt_logprobs_are_made_a_slice_of_positions_at_a_time(fixture, reques
     prompt's, 2.1 GB a row for a 2,048-token PolyLM prompt), and the figures equal one full forward's."""
     from server.engine import runner as runner_module
     from server.engine.params import SamplingParams
-    from server.engine.request import Request, Sequence
 
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture), dtype=torch.float32).eval()
     monkeypatch.setattr(runner_module, "PROMPT_SLICE", 7)
@@ -165,11 +164,7 @@ def test_prompt_logprobs_are_made_a_slice_of_positions_at_a_time(fixture, reques
     head = runner._head
     monkeypatch.setattr(runner, "_head", lambda h: head_rows.append(h.shape[-2] if h.dim() > 1 else 1) or head(h))
     prompts = [list(range(5, 35)), list(range(40, 52))]  # 30 and 12 tokens: slices of 7, the last one shorter
-    reqs = []
-    for i, ids in enumerate(prompts):
-        r = Request(f"e{i}", ids, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=3), emit=lambda _: None)
-        r.sequences = [Sequence(r, 0, detok=None)]
-        reqs.append(r)
+    reqs = runner_module.bare_requests(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=3))
     _, last = runner.prefill(reqs)
     assert max(head_rows) <= 7
     for r, ids in zip(reqs, prompts, strict=True):
