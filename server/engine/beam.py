@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from .decoding import end_tokens
 from .detokenizer import IncrementalDetokenizer, StopChecker
 from .request import Request, SeqOutput
 
@@ -120,7 +121,7 @@ class BeamSearch:
         p = request.params
         self.request = request
         self.tokenizer = tokenizer
-        self.enders = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)
+        self.enders = end_tokens(p, eos_ids)
         self.stops = tuple(s for s in p.stop if s)
         self.group = BeamGroup(p.num_beams, p.max_tokens, len(eos_ids), p.length_penalty, p.early_stopping, self._ends)
         self.detok = IncrementalDetokenizer(tokenizer, request.prompt_ids)

@@ -20,6 +20,7 @@ import torch
 
 from .batch import Batch
 from .beam import BeamSearch
+from .decoding import DecodePipeline
 from .detokenizer import IncrementalDetokenizer
 from .params import InvalidRequest, QueueFullError, SamplingParams
 from .request import Request, RequestOutput, Sequence, SeqOutput, TokenLogprob
@@ -324,7 +325,7 @@ class Engine:
             logits[broken] = 0.0
             for request in {batch.seqs[row].request for row in broken}:
                 self._fail_request(request, "the model produced NaN logits for this request")
-        tokens, logprobs = self.runner.sample(batch, logits, self.eos_ids)
+        tokens, logprobs = self.runner.sample(batch, logits)
         groups: dict[Request, list[int]] = {}
         for row, seq in enumerate(batch.seqs):
             if seq.request.beam is not None and not seq.finished:
@@ -351,7 +352,8 @@ class Engine:
         self._update(batch, tokens, logprobs)
 
     def _new_sequence(self, request: Request, index: int) -> Sequence:
-        seq = Sequence(request, index, IncrementalDetokenizer(self.tokenizer, request.prompt_ids))
+        pipeline = DecodePipeline(request.params, self.eos_ids, self.config.max_model_len)
+        seq = Sequence(request, index, IncrementalDetokenizer(self.tokenizer, request.prompt_ids), pipeline)
         if request.params.seed is not None:
             seq.generator = self.runner.new_generator((request.params.seed + index) % 2**64)
         return seq
@@ -367,7 +369,7 @@ class Engine:
                     if seq.request not in outputs:
                         outputs[seq.request] = self._beam_outputs(seq.request)
                     continue
-                out = self._append(seq, token)
+                out = seq.pipeline.accept(seq, token)
             except Exception as e:  # this request's decoding broke: it fails, the others go on
                 self._fail_request(seq.request, f"{type(e).__name__}: {e}", exc=True)
                 continue
@@ -386,26 +388,6 @@ class Engine:
             for seq in request.sequences:
                 seq.finish_reason = "stop"  # the search is over: every beam row leaves
         return outs
-
-    def _append(self, seq: Sequence, token: int) -> SeqOutput:
-        seq.token_ids.append(token)
-        params = seq.request.params
-        finish = None
-        if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            finish, delta = "stop", ""
-        else:
-            delta = seq.detok.add(token)
-        text, hit = seq.stopper.feed(delta)
-        if hit:
-            finish = "stop"
-        elif finish is None and (len(seq.token_ids) >= params.max_tokens or seq.num_tokens >= self.config.max_model_len):
-            finish = "length"
-        if finish is not None and not hit:
-            tail, hit = seq.stopper.feed(seq.detok.flush())
-            text += tail if hit else tail + seq.stopper.flush()
-            finish = "stop" if hit else finish
-        seq.finish_reason = finish
-        return SeqOutput(seq.index, text, [token], finish)
 
     def _fail_request(self, request: Request, message: str, exc: bool = False) -> None:
         """End one request with an error; its rows leave the batch at the next eviction."""

@@ -51,8 +51,8 @@ def dry_step(runner: Any, rows: int, prompt_tokens: int) -> int:
     KV cache it allocated, which the peak must not count twice."""
     params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9)
     batch, logits = runner.prefill(bare_requests([[0] * prompt_tokens] * rows, params))
-    runner.sample(batch, logits, set())
-    runner.sample(batch, runner.decode(batch), set())
+    runner.sample(batch, logits)
+    runner.sample(batch, runner.decode(batch))
     return batch.cache.nbytes
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,14 +28,7 @@ class SamplingParams:
     num_beams: int = 1  # > 1: beam search with this many beams (Hugging Face's rules)
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # True, False or "never"
-
-    @property
-    def shapes_logits(self) -> bool:
-        """Whether the logits need per-request work before sampling."""
-        return bool(
-            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-            or self.logit_bias or self.min_tokens
-        )
+    grammar: Any = None  # a grammar.Grammar the answer must follow (structured outputs, forced tool calls)
 
 
 class InvalidRequest(ValueError):

@@ -6,10 +6,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .detokenizer import IncrementalDetokenizer, StopChecker
 from .params import SamplingParams
+
+if TYPE_CHECKING:
+    from .decoding import DecodePipeline
 
 
 class Status(Enum):
@@ -49,12 +52,16 @@ class RequestOutput:
 class Sequence:
     """One batch row: the tokens and text of one choice of a request."""
 
-    def __init__(self, request: Request, index: int, detok: IncrementalDetokenizer) -> None:
+    def __init__(self, request: Request, index: int, detok: IncrementalDetokenizer | None,
+                 pipeline: DecodePipeline | None = None) -> None:
+        from .decoding import DecodePipeline
+
         self.request = request
         self.index = index
         self.token_ids: list[int] = []
         self.detok = detok
         self.stopper = StopChecker(request.params.stop)
+        self.pipeline = pipeline or DecodePipeline(request.params, set())  # its processors and stop rules
         self.finish_reason: str | None = None
         self.generator: Any = None  # a torch.Generator for seeded sampling, set by the engine
 

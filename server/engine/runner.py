@@ -10,10 +10,10 @@ import torch
 
 from . import fused
 from .batch import Batch
+from .decoding import apply_processors
 from .kvcache import KVCache
 from .params import SamplingParams
 from .request import Request, Sequence, TokenLogprob
-from .processors import process_logits
 from .sampling import sample, token_logprobs
 
 PROMPT_SLICE = 256  # prompt positions whose logits exist at once for prompt log-probabilities (echo): 256 x a
@@ -220,11 +220,11 @@ class ModelRunner:
         return logits
 
     @torch.inference_mode()
-    def sample(self, batch: Batch, logits: torch.Tensor, eos_ids: set[int]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Next token per row, and its log-probability (with the top alternatives) for rows that ask."""
+    def sample(self, batch: Batch, logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Next token per row, after each row's processors, and its log-probability (with the top alternatives)
+        for rows that ask."""
         params = [s.request.params for s in batch.seqs]
-        if any(p.shapes_logits for p in params):
-            logits = process_logits(logits, batch.seqs, eos_ids)
+        logits = apply_processors(logits, batch.seqs)
         temperature = torch.tensor([p.temperature for p in params], device=self.device)
         tokens = sample(
             logits,
@@ -247,7 +247,9 @@ class ModelRunner:
         chosen, top_ids, top_lps = token_logprobs(logits[idx], temperature[idx], tokens[idx], num_top)
         for row, lp, ids, lps in zip(rows, chosen.tolist(), top_ids.tolist(), top_lps.tolist(), strict=True):
             k = params[row].logprobs
-            out[row] = TokenLogprob(int(tokens[row]), lp, list(zip(ids[:k], lps[:k], strict=True)))
+            # tokens a processor banned (a grammar's mask, a -100 bias) have no log-probability to report
+            top = [(i, v) for i, v in zip(ids[:k], lps[:k], strict=True) if v != float("-inf")]
+            out[row] = TokenLogprob(int(tokens[row]), lp, top)
         return out
 
     @staticmethod

@@ -13,7 +13,7 @@ from server.engine.batch import Batch
 from server.engine.beam import BeamGroup
 from server.engine.kvcache import InPlaceLayer, KVCache
 from server.engine.params import SamplingParams
-from server.engine.processors import process_logits
+from server.engine.decoding import DecodePipeline, apply_processors
 from server.engine.request import Request, Sequence
 from server.engine.sampling import sample, token_logprobs
 from tests.engine.virtual_devices import DeviceMismatch, VirtualCuda, host
@@ -150,7 +150,7 @@ def _seqs():
         SamplingParams(max_tokens=9, min_tokens=4),
     ]):
         r = Request(f"p{k}", [5, 6, 7, 8], params, emit=lambda _: None)
-        s = Sequence(r, 0, detok=None)
+        s = Sequence(r, 0, detok=None, pipeline=DecodePipeline(params, {2}))
         s.token_ids = [9, 9, 10]
         seqs.append(s)
     return seqs
@@ -159,9 +159,9 @@ def _seqs():
 def test_logit_processors_run_on_the_logits_device():
     torch.manual_seed(5)
     logits = torch.randn(4, 100)
-    want = process_logits(logits.clone(), _seqs(), {2})
+    want = apply_processors(logits.clone(), _seqs())
     with VirtualCuda():
-        got = process_logits(logits.to("cuda:0"), _seqs(), {2})
+        got = apply_processors(logits.to("cuda:0"), _seqs())
         assert got.device == torch.device("cuda:0")
     assert torch.equal(host(got), want)
 
