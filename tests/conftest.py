@@ -223,3 +223,54 @@ def sse_events(lines: Iterator[str]) -> list:
             events.append(json.loads(payload))
     assert done, "stream did not end with data: [DONE]"
     return events
+
+
+# -- structured outputs and tools, shared by the default model's and the families' tests ---------------------------
+# Keys and values in Chinese, Thai and Arabic; bounded, so that every model reaches the end of the grammar.
+MULTISCRIPT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "城市": {"enum": ["北京", "東京", "上海"]},
+        "ชื่อ": {"type": "string", "maxLength": 12},
+        "العدد": {"type": "integer", "minimum": 0, "maximum": 999},
+        "tags": {"type": "array", "items": {"enum": ["ภาษาไทย", "العربية", "中文"]}, "maxItems": 3},
+    },
+    "required": ["城市", "ชื่อ", "العدد", "tags"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                   "required": ["city"], "additionalProperties": False}}}
+TOOL_SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER_TOOL, TIME_TOOL)}
+
+
+def check_tool_calls(calls: list[dict]) -> None:
+    """Each call has an id, type function, a known name and JSON arguments valid under its parameters schema."""
+    assert calls
+    for call in calls:
+        assert call["id"] and call["type"] == "function"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), TOOL_SCHEMAS[call["function"]["name"]])
+
+
+def streamed_tool_calls(events: list[dict]) -> list[dict]:
+    """The tool calls of a streamed chat answer (choice 0), joined from their deltas: id, type and name only in a
+    call's first delta, argument text in pieces after it."""
+    calls: dict[int, dict] = {}
+    for e in events:
+        for c in e["choices"]:
+            for d in c["delta"].get("tool_calls") or []:
+                if d["index"] not in calls:
+                    assert d["id"] and d["type"] == "function" and d["function"]["name"], d
+                    calls[d["index"]] = {"id": d["id"], "type": "function",
+                                         "function": {"name": d["function"]["name"], "arguments": ""}}
+                else:
+                    assert "id" not in d and "name" not in d.get("function", {}), d
+                calls[d["index"]]["function"]["arguments"] += d["function"].get("arguments", "")
+    assert sorted(calls) == list(range(len(calls)))
+    return [calls[i] for i in sorted(calls)]

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..engine.request import TokenLogprob
 
 
 class LogprobFormatter:
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, raw_bytes: Callable[[int], bytes] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.raw_bytes = raw_bytes  # a token's own bytes, for tokens that end inside a character
+
+    def bytes(self, token_id: int, token: str) -> list[int]:
+        """The token's UTF-8 bytes; a token holding part of a character decodes to U+FFFD, so its bytes come from
+        the vocabulary itself (joined over the tokens, they are the text's)."""
+        if "\ufffd" in token and self.raw_bytes is not None:
+            return list(self.raw_bytes(token_id))
+        return list(token.encode())
 
     def token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -36,7 +45,7 @@ class LogprobFormatter:
 
         def item(token_id: int, logprob: float) -> dict:
             token = self.token(token_id)
-            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+            return {"token": token, "logprob": logprob, "bytes": self.bytes(token_id, token)}
 
         content = [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries]
         return {"content": content, "refusal": None}

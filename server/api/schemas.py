@@ -6,9 +6,10 @@ not implement are rejected with a 400 when set to anything but their neutral val
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..engine.params import InvalidRequest
 
@@ -21,11 +22,42 @@ MAX_BEAMS = 8
 # field -> value that means "not used"; anything else gets a 400 naming the field
 UNSUPPORTED_COMMON: dict[str, tuple] = {}
 UNSUPPORTED_COMPLETION = {"suffix": (None, "")}
-UNSUPPORTED_CHAT = {
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "response_format": (None, {"type": "text"}),
-}
+UNSUPPORTED_CHAT: dict[str, tuple] = {}
+GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's field: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class Constraint(BaseModel):
+    """What the answer must follow: kind (json_schema, json_object, regex, choice, grammar), its spec, whether
+    unsupported schema keywords are an error, and the request field it came from."""
+
+    kind: str
+    spec: Any = None
+    strict: bool = False
+    param: str
 
 
 class StreamOptions(BaseModel):
@@ -59,6 +91,13 @@ class _Request(BaseModel):
     length_penalty: Annotated[float, Field(ge=-10.0, le=10.0)] | None = None
     early_stopping: bool | Literal["never"] | None = None
     use_beam_search: bool | None = None  # vLLM's form: the width is best_of (or n)
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -75,6 +114,46 @@ class _Request(BaseModel):
         for name, neutral in self._unsupported.items():
             if name in values and values[name] not in neutral:
                 raise InvalidRequest(f"'{name}' is not supported by this server yet", name)
+
+    def constraint(self) -> Constraint | None:
+        """The one constraint the request sets, if any; two at once are a 400 naming the second."""
+        found: list[Constraint] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(Constraint(kind="json_object", param="response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise InvalidRequest("response_format of type json_schema needs a json_schema object", "response_format")
+            spec = rf.json_schema.schema_
+            found.append(Constraint(kind="json_schema" if spec else "json_object", spec=spec,
+                                    strict=bool(rf.json_schema.strict), param="response_format"))
+        so = self.structured_outputs
+        if so is not None:
+            given = [(k, v) for k, v in (("json_schema", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                         ("grammar", so.grammar)) if v is not None]
+            given += [("json_object", None)] if so.json_object else []
+            if len(given) != 1:
+                raise InvalidRequest("structured_outputs takes exactly one of json, regex, choice, grammar and "
+                                     "json_object", "structured_outputs")
+            found.append(Constraint(kind=given[0][0], spec=given[0][1], param="structured_outputs"))
+        for name, kind in GUIDED.items():
+            value = getattr(self, name)
+            if value is not None:
+                found.append(Constraint(kind=kind, spec=value, param=name))
+        if len(found) > 1:
+            raise InvalidRequest(f"'{found[1].param}' cannot be combined with '{found[0].param}': send one "
+                                 "constraint", found[1].param)
+        if not found:
+            return None
+        c = found[0]
+        if c.kind == "json_schema" and isinstance(c.spec, str):
+            try:
+                c.spec = json.loads(c.spec)
+            except json.JSONDecodeError as e:
+                raise InvalidRequest(f"'{c.param}' is not valid JSON: {e}", c.param) from e
+            if not isinstance(c.spec, dict):
+                raise InvalidRequest(f"'{c.param}' must be a JSON Schema object", c.param)
+        return c
 
     @property
     def include_usage(self) -> bool:
@@ -122,12 +201,33 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # the call a tool message answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -145,10 +245,34 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class FunctionDefinition(BaseModel):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Request):
     _unsupported = {**UNSUPPORTED_COMMON, **UNSUPPORTED_CHAT}
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     logprobs: bool | None = False
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None

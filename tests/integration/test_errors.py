@@ -31,7 +31,25 @@ BAD = [
     ("/v1/chat/completions", {**GOOD_CHAT, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {**GOOD_CHAT, "model": "nope"}, 404, "model"),
     ("/v1/chat/completions", {**GOOD_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
-    ("/v1/chat/completions", {**GOOD_CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    # structured outputs and tools: what cannot be compiled or honoured names its field
+    ("/v1/chat/completions", {**GOOD_CHAT, "response_format": {"type": "xml"}}, 400, "response_format"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "strin"}}}}, 400, "response_format"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "format": "weird"}, "strict": True}}}, 400, "response_format"),
+    ("/v1/completions", {**GOOD_COMPLETION, "guided_regex": "[a-"}, 400, "guided_regex"),
+    ("/v1/completions", {**GOOD_COMPLETION, "guided_json": "{not json"}, 400, "guided_json"),
+    ("/v1/completions", {**GOOD_COMPLETION, "structured_outputs": {}}, 400, "structured_outputs"),
+    ("/v1/completions", {**GOOD_COMPLETION, "guided_choice": ["a"], "response_format": {"type": "json_object"}}, 400,
+     "guided_choice"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "num_beams": 4, "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+                              "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+                              "tool_choice": "required", "guided_regex": "a+"}, 400, "guided_regex"),
+    ("/v1/chat/completions", {**GOOD_CHAT, "messages": [{"role": "tool", "content": "42"}]}, 400, "messages"),
 ]
 
 

@@ -10,7 +10,10 @@ import re
 import shlex
 import shutil
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
+import jsonschema
 import pytest
 import sentencepiece
 import torch
@@ -19,7 +22,8 @@ from transformers import AutoModelForCausalLM
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from server.families import POLYLM_DEMO_SAMPLING
-from tests.conftest import ROOT, sse_events, start_side_by_side
+from tests.conftest import (MULTISCRIPT_SCHEMA, ROOT, TIME_TOOL, WEATHER_TOOL, check_tool_calls, sse_events,
+                            start_side_by_side, streamed_tool_calls)
 
 GREEDY = {"temperature": 0, "num_beams": 1}
 SCRIPTS = {"zh": r"[\u4e00-\u9fff]", "th": r"[\u0e00-\u0e7f]", "ar": r"[\u0600-\u06ff]"}
@@ -238,3 +242,59 @@ def test_generation_config_supplies_defaults_and_requests_win(servers):
     client = OpenAI(base_url=s.url + "/v1", api_key="unused")
     stream = client.completions.create(model="bloomz-560m-custom", prompt=prompt, max_tokens=24, stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == default
+
+
+@pytest.mark.parametrize("server", SERVED)
+def test_structured_outputs_and_tool_calls_on_each_tokenizer(servers, server, validate):
+    """PolyLM's SentencePiece with byte fallback and BLOOMZ's byte-level BPE: a schema with Chinese, Thai and Arabic
+    keys and values, sampled; on the chat models also forced and streamed tool calls and a tool-result turn, in
+    each family's own format."""
+    s = servers[server]
+    fmt = {"type": "json_schema", "json_schema": {"name": "card", "schema": MULTISCRIPT_SCHEMA, "strict": True}}
+    weather = [{"role": "user", "content": "What is the weather in Beijing?"}]
+    jobs = [lambda: complete(s, "北京是中国的首都。", guided_json=MULTISCRIPT_SCHEMA, max_tokens=120, temperature=1.0,
+                             seed=7, n=2)]
+    if server in CHAT:
+        jobs += [
+            lambda: chat(s, [{"role": "user", "content": "ปักกิ่งเป็นเมืองหลวงของประเทศจีน"}], response_format=fmt,
+                         max_tokens=120, temperature=0.9, seed=3),
+            # one call: a sampled tiny model may go on adding calls until max_tokens
+            lambda: chat(s, weather, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required", max_tokens=120,
+                         temperature=1.0, seed=1, parallel_tool_calls=False),
+            lambda: stream_chat(s, weather, tools=[WEATHER_TOOL], max_tokens=120,
+                                tool_choice={"type": "function", "function": {"name": "get_weather"}}),
+        ]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = [f.result() for f in [pool.submit(j) for j in jobs]]
+    validate("CreateCompletionResponse", results[0])
+    for c in results[0]["choices"]:
+        assert c["finish_reason"] == "stop", c
+        jsonschema.validate(json.loads(c["text"]), MULTISCRIPT_SCHEMA)
+    if server not in CHAT:
+        return
+    card, called, events = results[1:]
+    for body in (card, called):
+        validate("CreateChatCompletionResponse", body)
+    jsonschema.validate(json.loads(card["choices"][0]["message"]["content"]), MULTISCRIPT_SCHEMA)
+    message = called["choices"][0]["message"]
+    assert called["choices"][0]["finish_reason"] == "tool_calls"
+    check_tool_calls(message["tool_calls"])
+    for e in events:
+        validate("CreateChatCompletionStreamResponse", e)
+    streamed = streamed_tool_calls(events)
+    check_tool_calls(streamed)
+    assert [c["function"]["name"] for c in streamed] == ["get_weather"]
+    # the result turn: the call and its answer are in the prompt, in the family's format
+    turn = [*weather, {"role": "assistant", "content": None, "tool_calls": message["tool_calls"]},
+            *[{"role": "tool", "tool_call_id": c["id"], "content": "晴天 21°C"} for c in message["tool_calls"]]]
+    after = chat(s, turn, tools=[WEATHER_TOOL, TIME_TOOL], max_tokens=16, **GREEDY)
+    validate("CreateChatCompletionResponse", after)
+    assert after["usage"]["prompt_tokens"] > called["usage"]["prompt_tokens"]
+
+
+def stream_chat(server, messages, **fields):
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120,
+                      json={"messages": messages, "stream": True, **fields}) as r:
+        assert r.status_code == 200
+        return sse_events(r.iter_lines())
+
