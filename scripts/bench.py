@@ -24,7 +24,10 @@ bandwidth over the model's weight bytes (the batch-1 decode ceiling), a bare KV-
 and (with --mixed-seconds) short streams running while prompts of 20 to 1,500 tokens arrive.
 
 Also, unless --beam-clients 0: this server at 16 clients with every request sampled, then with a quarter of them
-4-beam searches, and one 4-beam request alone against `model.generate(num_beams=4)`.
+4-beam searches, and one 4-beam request alone against `model.generate(num_beams=4)`. And unless
+--structured-clients 0: this server at 32 clients unconstrained and with every request constrained by a JSON schema
+(twice each, interleaved), with what the grammar costs outside the forward: the vocabulary index, the schema's
+compile time and the token mask per row and step.
 
 On a GPU (--device cuda, the default where one is present) every target and baseline runs there: the server with
 --device, the in-process models moved to it, the bare loop timed with CUDA events, the ceiling measured as a
@@ -203,6 +206,13 @@ def summarize(results: list[dict], wall: float) -> dict:
 
 
 BEAM = {"num_beams": 4, "early_stopping": True}
+# an answer the grammar keeps open (a string of 400 characters at least), so constrained rows run to max_tokens as
+# the free ones do (ignore_eos)
+ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "minLength": 400},
+                                                  "language": {"type": "string"}},
+                 "required": ["answer", "language"], "additionalProperties": False}
+STRUCTURED = {"response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA,
+                                                                        "strict": True}}}
 
 
 async def run_level(server: Server, clients: int, rounds: int, max_tokens: int, options=lambda k: None) -> dict:
@@ -380,6 +390,40 @@ def random_model(shape: str, device: str) -> Path:
 
 
 # -- output ---------------------------------------------------------------------------------------------------
+def grammar_costs(tok, model) -> dict:
+    """What structured outputs cost outside the forward: indexing the vocabulary once, compiling ANSWER_SCHEMA,
+    and computing and applying one row's token mask per step (over a 200-token answer)."""
+    import statistics
+
+    import torch
+
+    from server.engine.decoding import DecodePipeline
+    from server.engine.grammar import GrammarCompiler
+    from server.engine.params import SamplingParams
+    from server.engine.request import Request, Sequence
+
+    start = time.perf_counter()
+    compiler = GrammarCompiler(tok, {tok.eos_token_id}, len(tok))
+    index_ms = 1000 * (time.perf_counter() - start)
+    start = time.perf_counter()
+    grammar = compiler.compile("json_schema", ANSWER_SCHEMA, "response_format")
+    compile_ms = 1000 * (time.perf_counter() - start)
+    text = json.dumps({"answer": " ".join(prompts(8)) * 2, "language": "English"}, separators=(",", ":"))
+    ids = compiler.tokenizer.tokenize_str(text)[:200]
+    r = Request("bench", [1], SamplingParams(max_tokens=400, grammar=grammar), emit=lambda _: None)
+    seq = Sequence(r, 0, detok=None, pipeline=DecodePipeline(r.params, set()))
+    logits = torch.zeros(len(tok), device=model.device)
+    times = []
+    for t in ids:
+        start = time.perf_counter()
+        seq.pipeline.apply(logits, seq)
+        times.append(1e6 * (time.perf_counter() - start))
+        seq.pipeline.grammar.accept(seq, t)
+    return {"vocabulary_index_ms": round(index_ms, 1), "schema_compile_ms": round(compile_ms, 2),
+            "mask_us_per_row_step_p50": round(statistics.median(times), 1),
+            "mask_us_per_row_step_p99": round(pct(times, 0.99), 1), "mask_steps": len(times)}
+
+
 def table(result: dict) -> str:
     lines = ["| target | new tokens | clients | tokens/s | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | peak memory (MiB) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -439,6 +483,9 @@ def main() -> None:
     ap.add_argument("--mixed-targets", default="ours,llama")
     ap.add_argument("--beam-clients", type=int, default=16,
                     help="clients for this server's beam runs: all sampled, then a quarter 4-beam (0: skip)")
+    ap.add_argument("--structured-clients", type=int, default=32,
+                    help="clients for the run with every request constrained by a JSON schema, against the same "
+                         "run unconstrained (0: skip)")
     ap.add_argument("--llama-server", help="path of llama.cpp's llama-server")
     ap.add_argument("--name", default="latest", help="results go to bench/results/NAME.json, .md and .png")
     ap.add_argument("--ours-args", default="", help="extra flags for this server, e.g. '--dtype bfloat16'")
@@ -507,7 +554,20 @@ def main() -> None:
         server.stop()
         result["beams"] = {"clients": c, "all_sampled_tokens_per_s": sampled["tokens_per_s"],
                            "quarter_4_beam_tokens_per_s": mixed["tokens_per_s"], "one_4_beam_request_s": alone["seconds"]}
+    if args.structured_clients and "ours" in targets:
+        server = start_target("ours", args, hf_dir, gguf, args.structured_clients)
+        c, n = args.structured_clients, lengths[0]
+        free, constrained = [], []
+        for _ in range(2):  # interleaved, so that drift in the machine's speed falls on both
+            free.append(asyncio.run(run_level(server, c, 1, n))["tokens_per_s"])
+            constrained.append(asyncio.run(run_level(server, c, 1, n, lambda k: STRUCTURED))["tokens_per_s"])
+        server.stop()
+        result["structured"] = {"clients": c, "free_tokens_per_s": free, "json_schema_tokens_per_s": constrained,
+                                "json_schema_over_free": round(sum(constrained) / sum(free), 3)}
+        print(json.dumps(result["structured"]), file=sys.stderr)
     tok, model = load_model(hf_dir, dtype, device)
+    if "structured" in result:
+        result["structured"].update(grammar_costs(tok, model))
     from scripts.gpu_check import weight_bytes as count_weight_bytes
 
     weight_bytes = count_weight_bytes(model)
@@ -549,7 +609,7 @@ def main() -> None:
     (OUT / f"{args.name}.md").write_text(table(result) + "\n")
     plot(result, OUT / f"{args.name}.png")
     print(table(result))
-    print(json.dumps({k: result[k] for k in ("ceiling", "mixed", "beams") if k in result}, indent=1))
+    print(json.dumps({k: result[k] for k in ("ceiling", "mixed", "beams", "structured") if k in result}, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 
 Each of N clients loops for T seconds, picking at random (seeded) one of:
   chat or completion, streamed or not, greedy, sampled (temperature 1, top_p 0.9) or 2-beam search;
+  a sampled answer constrained by a JSON schema (response_format or guided_json);
   a stream it leaves after a few chunks (a client that disconnects);
   a malformed request (bad JSON, wrong types, out-of-range values, an unknown model);
   a prompt longer than the model's context;
@@ -204,7 +205,14 @@ async def one(client: httpx.AsyncClient, rng: random.Random, model: str, context
     elif roll < 0.20:
         kind = "beam"
         body.update({"num_beams": 2, "temperature": 0, "stream": rng.random() < 0.5})
-    elif roll < 0.30:
+    elif roll < 0.26:
+        kind = "structured"  # a grammar-masked row among free ones
+        schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 40}},
+                  "required": ["answer"], "additionalProperties": False}
+        body.update({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}
+                    if rng.random() < 0.5 else {"guided_json": schema})
+        body.update({"temperature": 1.0, "stream": rng.random() < 0.5})
+    elif roll < 0.32:
         kind = "leaves mid-stream"
         body.update({"stream": True, "max_tokens": 64})
     else:

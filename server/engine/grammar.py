@@ -148,8 +148,8 @@ class GrammarCompiler:
                 text = llguidance.LLMatcher.grammar_from_lark(choice_grammar(spec))
             else:
                 text = llguidance.LLMatcher.grammar_from_lark(spec)
-        except (ValueError, TypeError) as e:
-            raise InvalidRequest(f"'{param}' could not be compiled: {e}", param) from e
+        except Exception as e:  # anything the library says of what the client sent is the client's to fix
+            raise InvalidRequest(f"'{param}' could not be compiled: {short(str(e))}", param) from e
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, self.tokenizer, limits=LIMITS)
         if failed:
             reason = short(messages[0]) if messages else "unknown error"
@@ -160,6 +160,11 @@ class GrammarCompiler:
         for message in messages:
             log.warning("%s: %s (ignored, as strict is false)", param, message)
         matcher = llguidance.LLMatcher(self.tokenizer, text, log_level=0, limits=LIMITS)
+        if not matcher.is_error():
+            first = torch.zeros((1, self.words), dtype=torch.int32)
+            llguidance.torch.fill_next_token_bitmask(matcher, first, 0)
+            if not matcher.is_error() and not bool(first.any()):
+                raise InvalidRequest(f"'{param}' admits no answer: no token can start it", param)
         if matcher.is_error():
             raise InvalidRequest(f"'{param}' could not be compiled: {short(matcher.get_error())}", param)
         return matcher
