@@ -252,16 +252,16 @@ def test_structured_outputs_and_tool_calls_on_each_tokenizer(servers, server, va
     s = servers[server]
     fmt = {"type": "json_schema", "json_schema": {"name": "card", "schema": MULTISCRIPT_SCHEMA, "strict": True}}
     weather = [{"role": "user", "content": "What is the weather in Beijing?"}]
-    jobs = [lambda: complete(s, "北京是中国的首都。", guided_json=MULTISCRIPT_SCHEMA, max_tokens=120, temperature=1.0,
+    jobs = [lambda: complete(s, "北京是中国的首都。", guided_json=MULTISCRIPT_SCHEMA, max_tokens=250, temperature=1.0,
                              seed=7, n=2)]
     if server in CHAT:
         jobs += [
             lambda: chat(s, [{"role": "user", "content": "ปักกิ่งเป็นเมืองหลวงของประเทศจีน"}], response_format=fmt,
-                         max_tokens=120, temperature=0.9, seed=3),
+                         max_tokens=250, temperature=0.9, seed=3),
             # one call: a sampled tiny model may go on adding calls until max_tokens
-            lambda: chat(s, weather, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required", max_tokens=120,
+            lambda: chat(s, weather, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required", max_tokens=200,
                          temperature=1.0, seed=1, parallel_tool_calls=False),
-            lambda: stream_chat(s, weather, tools=[WEATHER_TOOL], max_tokens=120,
+            lambda: stream_chat(s, weather, tools=[WEATHER_TOOL], max_tokens=200,
                                 tool_choice={"type": "function", "function": {"name": "get_weather"}}),
         ]
     with ThreadPoolExecutor(len(jobs)) as pool:

@@ -21,7 +21,7 @@ WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 class City(BaseModel):
     name: str = Field(max_length=20)
-    population: int
+    population: int = Field(ge=0, le=10**9)
     kind: Literal["capital", "town"]
     tags: list[str] = Field(max_length=3)
 
@@ -52,7 +52,8 @@ def test_sdk_parse_with_a_pydantic_model(client):
     messages = [{"role": "user", "content": "Describe Paris as JSON."}]
 
     def parsed():
-        return client.chat.completions.parse(model=MODEL, messages=messages, response_format=City, max_tokens=120)
+        return client.chat.completions.parse(model=MODEL, messages=messages, response_format=City, max_tokens=120,
+                                             temperature=0)
 
     def streamed():
         with client.chat.completions.stream(model=MODEL, messages=messages, response_format=City, max_tokens=120,
@@ -70,7 +71,7 @@ def test_sampled_answers_follow_a_multiscript_schema(default_server, validate):
     messages = [{"role": "user", "content": "Fill in the card."}]
     bodies = [{"seed": s, "n": 2} for s in (1, 2, 3)] + [{}]
     results = together(*[lambda b=b: chat(default_server, messages=messages, response_format=fmt, temperature=1.0,
-                                          max_tokens=120, **b) for b in bodies])
+                                          max_tokens=250, **b) for b in bodies])
     answers = [c["message"]["content"] for r in results for c in r["choices"]]
     for r in results:
         validate("CreateChatCompletionResponse", r)
@@ -78,7 +79,7 @@ def test_sampled_answers_follow_a_multiscript_schema(default_server, validate):
     assert len(answers) == 7
     for a in answers:
         jsonschema.validate(json.loads(a), MULTISCRIPT_SCHEMA)
-    again = chat(default_server, messages=messages, response_format=fmt, temperature=1.0, max_tokens=120, seed=1, n=2)
+    again = chat(default_server, messages=messages, response_format=fmt, temperature=1.0, max_tokens=250, seed=1, n=2)
     assert [c["message"]["content"] for c in again["choices"]] == answers[:2]  # seeded: the same whatever the batch
 
 
@@ -91,7 +92,7 @@ def test_json_object_choice_regex_and_vllm_fields(default_server, validate):
 
     jobs = [
         lambda: chat(default_server, messages=[{"role": "user", "content": "Give me a JSON object about 北京."}],
-                     response_format={"type": "json_object"}, temperature=0, max_tokens=120)["choices"][0],
+                     response_format={"type": "json_object"}, temperature=0, max_tokens=250)["choices"][0],
         lambda: completion(prompt="The capital of France is", guided_choice=["Paris", "London", "Rome"], max_tokens=8),
         lambda: completion(prompt="Phone:", structured_outputs={"regex": r"\+33 [0-9]{3} [0-9]{3}"}, max_tokens=20),
         lambda: completion(prompt="A user:", guided_json={"type": "object", "properties": {"id": {"type": "integer", "maximum": 99}},
@@ -114,7 +115,7 @@ def test_free_rows_are_unchanged_by_constrained_neighbours(default_server, valid
     alone = chat(default_server, **free)["choices"][0]["message"]["content"]
     fmt = {"type": "json_schema", "json_schema": {"name": "card", "schema": MULTISCRIPT_SCHEMA}}
     constrained = {"messages": [{"role": "user", "content": "Fill in the card."}], "response_format": fmt,
-                   "max_tokens": 120, "temperature": 0.9, "seed": 11}
+                   "max_tokens": 250, "temperature": 0.9, "seed": 11}
     beside, events, stopped = together(
         lambda: chat(default_server, **free),
         lambda: stream(default_server, **constrained, logprobs=True, top_logprobs=3),
@@ -147,7 +148,7 @@ def test_tool_calls_on_the_default_model(default_server, validate):
     tools = [WEATHER_TOOL, TIME_TOOL]
     named = {"type": "function", "function": {"name": "get_time"}}
     required, single, auto, none, events = together(
-        lambda: chat(default_server, messages=WEATHER, tools=tools, tool_choice="required", max_tokens=80),
+        lambda: chat(default_server, messages=WEATHER, tools=tools, tool_choice="required", max_tokens=200),
         lambda: chat(default_server, messages=WEATHER, tools=tools, tool_choice="required", parallel_tool_calls=False,
                      temperature=1.0, seed=4, max_tokens=80),
         lambda: chat(default_server, messages=WEATHER, tools=tools, max_tokens=60, temperature=0),
