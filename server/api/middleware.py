@@ -144,7 +144,8 @@ class BodyGuardMiddleware:
             if not more:  # the body is in; what follows is the wait for a disconnect, which has no deadline
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+                async with asyncio.timeout_at(deadline):  # wait_for would drop a cancel that comes with a message
+                    message = await receive()
             except TimeoutError:
                 raise _SlowBody from None
             if message["type"] == "http.request":

@@ -173,6 +173,24 @@ def test_disconnect_cancels_stream_and_plain_request(tiny_server):
     assert wait_idle(tiny_server), "request still running after the client left"
 
 
+def test_a_cancel_that_comes_with_a_token_is_not_lost():
+    """The client leaves just as a token arrives: the job's wait for the token must still end in a cancel, or the
+    request runs to max_tokens for nobody (Python 3.11's wait_for dropped such a cancel)."""
+    from server.api.job import Job
+
+    async def scenario():
+        job = Job("j", 0, "tiny", [], 1, 1, timeout=600)
+        queue: asyncio.Queue = asyncio.Queue()
+        waiting = asyncio.create_task(job._next(queue))
+        await asyncio.sleep(0.01)  # the job is waiting for its next token
+        queue.put_nowait("a token")
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(scenario())
+
+
 def test_queue_full_is_503(servers, validate):
     # the default model: slow enough on any machine that the first request is still running when the third arrives
     server = servers["one_row"]
