@@ -3,7 +3,8 @@
 
     .venv/bin/python scripts/loadtest.py --url http://127.0.0.1:8000 --clients 64 --seconds 600
 
-Each of N clients loops for T seconds, picking at random (seeded) one of:
+Each of N clients loops for T seconds, picking at random (seeded) one of the following (between them, the
+clients' first requests are one of each, so every run sends every kind):
   chat or completion, streamed or not, greedy, sampled (temperature 1, top_p 0.9) or 2-beam search;
   a sampled answer constrained by a JSON schema (response_format or guided_json);
   a stream it leaves after a few chunks (a client that disconnects);
@@ -167,21 +168,26 @@ async def slow_reader(client: httpx.AsyncClient, rng: random.Random, model: str,
     t.left += 1
 
 
-async def one(client: httpx.AsyncClient, rng: random.Random, model: str, context: int, t: Tally) -> None:
-    roll = rng.random()
-    if roll > 0.90:
-        await (hostile(client, rng, t) if roll > 0.94 else hang_up_mid_body(client, t) if roll > 0.92
-               else slow_reader(client, rng, model, t))
-        return
-    roll /= 0.9  # the ordinary mix below, as it was
+# Each kind and its share of the traffic; every run sends each kind at least once (see run()).
+KINDS = {"greedy": 0.306, "sampled": 0.306, "malformed": 0.072, "beam": 0.072, "hostile": 0.06, "structured": 0.054,
+         "leaves mid-stream": 0.054, "over-long prompt": 0.036, "slow reader": 0.02, "hangs up mid-body": 0.02}
+
+
+async def one(client: httpx.AsyncClient, rng: random.Random, model: str, context: int, t: Tally,
+              kind: str) -> None:
+    if kind == "hostile":
+        return await hostile(client, rng, t)
+    if kind == "hangs up mid-body":
+        return await hang_up_mid_body(client, t)
+    if kind == "slow reader":
+        return await slow_reader(client, rng, model, t)
     chat = rng.random() < 0.5
     path = "/v1/chat/completions" if chat else "/v1/completions"
     text = rng.choice(["Tell me about rivers.", "Translate to French: good morning.", "Write a haiku about snow.",
                        "北京是", "ما هي عاصمة مصر؟", "List three colors."])
     body: dict = {"model": model, "max_tokens": rng.choice([8, 16, 32, 64])}
     body.update({"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text})
-    if roll < 0.08:
-        kind = "malformed"
+    if kind == "malformed":
         content, ctype = rng.choice(MALFORMED)
         t.sent += 1
         t.kinds[kind] += 1
@@ -198,25 +204,21 @@ async def one(client: httpx.AsyncClient, rng: random.Random, model: str, context
             t.completed += 1
             t.latency.append(time.perf_counter() - start)
         return
-    if roll < 0.12:
-        kind, body["max_tokens"] = "over-long prompt", 16
+    if kind == "over-long prompt":
+        body["max_tokens"] = 16
         long = "word " * (context + 50)
         body.update({"messages": [{"role": "user", "content": long}]} if chat else {"prompt": long})
-    elif roll < 0.20:
-        kind = "beam"
+    elif kind == "beam":
         body.update({"num_beams": 2, "temperature": 0, "stream": rng.random() < 0.5})
-    elif roll < 0.26:
-        kind = "structured"  # a grammar-masked row among free ones
+    elif kind == "structured":  # a grammar-masked row among free ones
         schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 40}},
                   "required": ["answer"], "additionalProperties": False}
         body.update({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}
                     if rng.random() < 0.5 else {"guided_json": schema})
         body.update({"temperature": 1.0, "stream": rng.random() < 0.5})
-    elif roll < 0.32:
-        kind = "leaves mid-stream"
+    elif kind == "leaves mid-stream":
         body.update({"stream": True, "max_tokens": 64})
     else:
-        kind = "sampled" if rng.random() < 0.5 else "greedy"
         body.update({"temperature": 1.0, "top_p": 0.9} if kind == "sampled" else {"temperature": 0})
         body["stream"] = rng.random() < 0.5
     t.sent += 1
@@ -271,8 +273,11 @@ async def run(url: str, clients: int, seconds: float, seed: int) -> Tally:
 
         async def worker(i: int) -> None:
             rng = random.Random(seed * 1000 + i)
+            names, weights = list(KINDS), list(KINDS.values())
+            first = names[i::clients]  # between them, the clients' first requests are one of each kind
             while time.monotonic() < stop:
-                await one(client, rng, card["id"], card.get("max_model_len", 2048), t)
+                kind = first.pop(0) if first else rng.choices(names, weights)[0]
+                await one(client, rng, card["id"], card.get("max_model_len", 2048), t, kind)
 
         await asyncio.gather(*[worker(i) for i in range(clients)])
     return t
