@@ -11,17 +11,20 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 # mapping instead of leaving blocks of every old size behind (fragmentation the KV budget does not count).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-import uvicorn
-
 from . import logs
-from .api.app import create_app
-from .api.protocol import ConnectionLimits, protocol_class
-from .config import parse_settings
-from .engine.loader import ModelLoadError
+from .config import model_path_problem, parse_settings
 
 
 def main() -> None:
     settings = parse_settings()
+    if problem := model_path_problem(settings.model):
+        sys.exit(f"error: {problem}")
+    import uvicorn  # torch and transformers come with the app: seconds
+
+    from .api.app import create_app
+    from .api.protocol import ConnectionLimits, protocol_class
+    from .engine.loader import ModelLoadError
+
     logs.setup(settings.log_level, settings.log_format)
     try:
         app = create_app(settings)

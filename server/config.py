@@ -9,6 +9,7 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from .families import FAMILY_CHOICES
 
@@ -145,3 +146,15 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
             f"--{name}", type=kind, default=default, choices=CHOICES.get(f.name), help=f"{HELP[f.name]} [env {var}]"
         )
     return Settings(**vars(parser.parse_args(argv)))
+
+
+def model_path_problem(model: str | None) -> str | None:
+    """What is wrong with a local --model path, or None: checked before torch and transformers load (seconds),
+    so that a mistyped path fails at once."""
+    if model is None:
+        return None
+    if model.endswith(".gguf"):
+        return None if Path(model).is_file() else f"GGUF file not found: {model}"
+    if not Path(model).is_dir() and (Path(model).exists() or model.startswith((".", "/"))):
+        return f"--model {model!r} is neither a model directory nor a .gguf file"
+    return None

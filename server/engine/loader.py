@@ -34,7 +34,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from ..config import Settings
+from ..config import Settings, model_path_problem
 from ..families import FAMILIES, Family, detect
 from .checkpoint import TOKENIZER_FILES, has_tokenizer, sentencepiece_mismatch, weight_files, weights_dtype
 
@@ -222,15 +222,12 @@ def _source(model: str | None) -> tuple[Path | str, str]:
     """Where to load from (a directory, or a hub id) and the default name clients use."""
     if model is None:
         return gguf_to_hf_dir(default_gguf()), DEFAULT_NAME
+    if problem := model_path_problem(model):
+        raise ModelLoadError(problem)
     if model.endswith(".gguf"):
-        path = Path(model)
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {model}")
-        return gguf_to_hf_dir(path), path.stem
+        return gguf_to_hf_dir(Path(model)), Path(model).stem
     if Path(model).is_dir():
         return Path(model), Path(model).resolve().name
-    if Path(model).exists() or model.startswith((".", "/")):
-        raise ModelLoadError(f"--model {model!r} is neither a model directory nor a .gguf file")
     if not hub_cached(model) and not hub_reachable():
         raise ModelLoadError(
             f"could not load model {model!r}: it is not a local path, it is not in the Hugging Face cache, and "

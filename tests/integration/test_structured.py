@@ -66,17 +66,17 @@ def test_sdk_parse_with_a_pydantic_model(client):
 
 
 def test_sampled_answers_follow_a_multiscript_schema(default_server, validate):
-    """Temperature 1, three seeds x n=2, one unseeded: every answer is valid, in Chinese, Thai and Arabic keys."""
+    """Temperature 1, two seeds x n=2, one unseeded: every answer is valid, in Chinese, Thai and Arabic keys."""
     fmt = {"type": "json_schema", "json_schema": {"name": "card", "schema": MULTISCRIPT_SCHEMA, "strict": True}}
     messages = [{"role": "user", "content": "Fill in the card."}]
-    bodies = [{"seed": s, "n": 2} for s in (1, 2, 3)] + [{}]
+    bodies = [{"seed": s, "n": 2} for s in (1, 2)] + [{}]
     results = together(*[lambda b=b: chat(default_server, messages=messages, response_format=fmt, temperature=1.0,
                                           max_tokens=250, **b) for b in bodies])
     answers = [c["message"]["content"] for r in results for c in r["choices"]]
     for r in results:
         validate("CreateChatCompletionResponse", r)
         assert all(c["finish_reason"] == "stop" for c in r["choices"]), r
-    assert len(answers) == 7
+    assert len(answers) == 5
     for a in answers:
         jsonschema.validate(json.loads(a), MULTISCRIPT_SCHEMA)
     again = chat(default_server, messages=messages, response_format=fmt, temperature=1.0, max_tokens=250, seed=1, n=2)

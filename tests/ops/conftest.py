@@ -11,9 +11,8 @@ def ops_servers(start_server, tiny_llama_dir):
     return start_side_by_side(
         start_server,
         locked=(*tiny, "--api-key", "key-one,key-two", "--cors-origins", "https://app.example", "--log-format", "json"),
-        log_prompts=(*tiny, "--log-prompts"),
+        log_prompts=(*tiny, "--log-prompts", "--max-body-bytes", "2000"),  # its tests send small bodies
         counted=tiny,  # its metrics count the requests of the tests that use it only
-        small_bodies=(*tiny, "--max-body-bytes", "2000"),
         timeout=("--request-timeout", "1"),
         # the default model (fast enough to fuzz, slow enough that a long stream outlasts a dropped connection) with
         # tight connection limits and a small waiting room

@@ -154,7 +154,7 @@ def test_metrics_show_the_running_batch_its_cache_and_a_client_that_left(default
 
 
 def test_body_over_the_limit_is_413(ops_servers, validate):
-    server = ops_servers["small_bodies"]
+    server = ops_servers["log_prompts"]
     big = {"model": "tiny", "prompt": "word " * 1000, "max_tokens": 1}
     r = httpx.post(server.url + "/v1/completions", json=big)
     assert r.status_code == 413
