@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SPEC = ROOT.parent / "shared" / "spec" / "openai-openapi.json"
 OUT = ROOT / "tests" / "data" / "openai-schemas.json"
 ROOTS = ["CreateCompletionResponse", "CreateChatCompletionResponse", "CreateChatCompletionStreamResponse",
-         "ListModelsResponse", "Model", "ErrorResponse"]
+         "ListModelsResponse", "Model", "ErrorResponse", "Response", "ResponseCreatedEvent", "ResponseInProgressEvent",
+         "ResponseCompletedEvent", "ResponseFailedEvent", "ResponseOutputItemAddedEvent", "ResponseOutputItemDoneEvent",
+         "ResponseContentPartAddedEvent", "ResponseContentPartDoneEvent", "ResponseTextDeltaEvent",
+         "ResponseTextDoneEvent", "ResponseFunctionCallArgumentsDeltaEvent", "ResponseFunctionCallArgumentsDoneEvent"]
 
 
 def refs(node) -> set[str]:

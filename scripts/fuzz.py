@@ -201,9 +201,10 @@ def _small(body: Any) -> Any:
     """Keep a generation short where the body asks for a long one (or, leaving max_tokens out, for the whole
     context): the fuzz is about parsing, not decoding."""
     if isinstance(body, dict):
-        if "max_tokens" not in body and "max_completion_tokens" not in body:
-            body["max_tokens"] = 8
-        for key in ("max_tokens", "max_completion_tokens"):
+        limits = ("max_tokens", "max_completion_tokens", "max_output_tokens")  # the last is /v1/responses's
+        if not any(key in body for key in limits):
+            body["max_output_tokens" if "input" in body else "max_tokens"] = 8
+        for key in limits:
             if isinstance(body.get(key), int) and not isinstance(body[key], bool) and 8 < body[key] < 2**31:
                 body[key] = 8
     return body

@@ -54,6 +54,7 @@ class Settings:
     cors_origins: str | None = None
     playground: bool = True
     docs: bool = False
+    responses_store_size: int = 1000
 
 
 HELP = {
@@ -108,6 +109,9 @@ HELP = {
     "--no-playground turns it off",
     "docs": "serve FastAPI's /docs and /redoc pages (they load their scripts from a CDN); /openapi.json is always "
     "served",
+    "responses_store_size": "responses kept for previous_response_id and GET /v1/responses/{id} (store: true, the "
+    "API's default), least recently used evicted; in this process's memory only: gone on restart, not shared between "
+    "replicas; 0 keeps none",
     "cors_origins": "origins allowed to call the API from a browser, separated by commas, or '*' (default: no CORS)",
 }
 CHOICES = {

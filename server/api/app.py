@@ -104,9 +104,10 @@ def kv_budget(settings: Settings, loaded: Loaded, max_model_len: int) -> int:
 def create_app(settings: Settings, engine: Engine | None = None, info: ModelInfo | None = None) -> FastAPI:
     if engine is None:
         engine, info = build_engine(settings)
-    metrics = Metrics(engine, cuda_devices(engine.runner.model))
-    serving = OpenAIServing(engine, info or ModelInfo("model", FAMILIES["hf"], engine.config.max_model_len), metrics,
-                            settings.request_timeout or None, settings.log_prompts)
+    info = info or ModelInfo("model", FAMILIES["hf"], engine.config.max_model_len)
+    metrics = Metrics(engine, cuda_devices(engine.runner.model), info.name)
+    serving = OpenAIServing(engine, info, metrics, settings.request_timeout or None, settings.log_prompts,
+                            settings.responses_store_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -48,11 +48,11 @@ class Job:
     def _observe(self, index: int, tokens: int) -> None:
         now = time.perf_counter()
         if not self.last_token:
-            self.metrics.ttft.observe(now - self.started)
+            self.metrics.first_token(now - self.started)
         elif index in self.last_token:
-            self.metrics.itl.observe(now - self.last_token[index])
+            self.metrics.token_gap(now - self.last_token[index])
         self.last_token[index] = now
-        self.metrics.generation_tokens.inc(tokens)
+        self.metrics.generated(tokens)
 
     async def _next(self, queue: asyncio.Queue) -> Any:
         if self.timeout is None:
@@ -109,8 +109,12 @@ class Job:
         finally:
             for t in tasks:
                 t.cancel()
-            if self.metrics is not None and not self.finished():
-                (self.metrics.failed if failed else self.metrics.cancelled).inc()
+            if self.metrics is not None:
+                if not self.finished():
+                    (self.metrics.failed if failed else self.metrics.cancelled).inc()
+                for i in range(len(self.streams) * self.n if not failed else 0):
+                    choice = self.choices.get(i)
+                    self.metrics.choice_done(choice.finish_reason or "abort" if choice is not None else "abort")
 
     def best(self, n: int, num_prompts: int) -> list[tuple[int, Choice]]:
         """Per prompt, the n choices with the highest mean token log-probability (all of them when n == rows)."""

@@ -83,8 +83,13 @@ class RequestLogMiddleware:
             request_id.reset(token)
 
 
+def _guarded(path: str) -> bool:
+    """The API's routes: `/v1/*`, and the tokenizer's (health, readiness, version and metrics are the operators')."""
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+
+
 class ApiKeyMiddleware:
-    """`/v1/*` needs `Authorization: Bearer <key>` for one of the keys, compared in constant time; health,
+    """The API's routes need `Authorization: Bearer <key>` for one of the keys, compared in constant time; health,
     readiness, version and metrics stay open. CORS preflights (OPTIONS) carry no credentials."""
 
     def __init__(self, app, keys: list[str]) -> None:
@@ -99,7 +104,7 @@ class ApiKeyMiddleware:
         return scheme.lower() == b"bearer" and matched
 
     async def __call__(self, scope, receive, send) -> None:
-        if (scope["type"] == "http" and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS"
+        if (scope["type"] == "http" and _guarded(scope["path"]) and scope["method"] != "OPTIONS"
                 and not self._allowed(scope)):
             response = error_response(401, "Invalid or missing API key: send it as 'Authorization: Bearer <key>'.",
                                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})

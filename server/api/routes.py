@@ -15,8 +15,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from .. import __version__
+from . import chat, completions, responses, tokenize
 from .errors import APIError, error_response
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .serving import OpenAIServing
 
 router = APIRouter()
@@ -93,6 +94,9 @@ def documented(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
+BODIES = (CompletionRequest, ChatCompletionRequest, responses.ResponsesRequest, TokenizeRequest, DetokenizeRequest)
+
+
 def openapi_document(app: FastAPI) -> dict[str, Any]:
     """FastAPI's OpenAPI document with the generation routes' request bodies and this server's error answers (400,
     where FastAPI would say 422), built once."""
@@ -103,7 +107,7 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
         schemas = schema.setdefault("components", {}).setdefault("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
-        for model in (CompletionRequest, ChatCompletionRequest):
+        for model in BODIES:
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(body.pop("$defs", {}))
             schemas[model.__name__] = body
@@ -118,18 +122,51 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
 Serving = Annotated[OpenAIServing, Depends(serving)]
 Completion = Annotated[CompletionRequest, Depends(json_body(CompletionRequest))]
 Chat = Annotated[ChatCompletionRequest, Depends(json_body(ChatCompletionRequest))]
+Responses = Annotated[responses.ResponsesRequest, Depends(json_body(responses.ResponsesRequest))]
+Tokenize = Annotated[TokenizeRequest, Depends(json_body(TokenizeRequest))]
+Detokenize = Annotated[DetokenizeRequest, Depends(json_body(DetokenizeRequest))]
 
 
 @router.post("/v1/completions", **documented(CompletionRequest))
 async def create_completion(body: Completion, raw: Request, s: Serving) -> Response:
     """Create a text completion."""
-    return await s.completions(body, raw)
+    return await completions.create_completion(s, body, raw)
 
 
 @router.post("/v1/chat/completions", **documented(ChatCompletionRequest))
 async def create_chat_completion(body: Chat, raw: Request, s: Serving) -> Response:
     """Create a chat completion."""
-    return await s.chat(body, raw)
+    return await chat.create_chat_completion(s, body, raw)
+
+
+@router.post("/v1/responses", **documented(responses.ResponsesRequest))
+async def create_response(body: Responses, raw: Request, s: Serving) -> Response:
+    """Create a model response (OpenAI's Responses API), run as the equivalent chat."""
+    return await responses.create_response(s, body, raw)
+
+
+@router.get("/v1/responses/{response_id}", responses=errors(401, 404))
+async def retrieve_response(response_id: str, s: Serving) -> Response:
+    """A stored response (store: true), until this process evicts it."""
+    return responses.retrieve_response(s, response_id)
+
+
+@router.delete("/v1/responses/{response_id}", responses=errors(401, 404))
+async def delete_response(response_id: str, s: Serving) -> Response:
+    """Forget a stored response."""
+    return responses.delete_response(s, response_id)
+
+
+@router.post("/tokenize", **documented(TokenizeRequest))
+async def create_tokenize(body: Tokenize, s: Serving) -> Response:
+    """The token ids of a prompt, or of chat messages as the chat route renders them, with the context length."""
+    return await tokenize.tokenize(s, body)
+
+
+@router.post("/detokenize", **documented(DetokenizeRequest))
+async def create_detokenize(body: Detokenize, s: Serving) -> Response:
+    """The text of token ids."""
+    return await tokenize.detokenize(s, body)
 
 
 def _model_card(s: OpenAIServing, created: int) -> dict:

@@ -1,28 +1,29 @@
-"""Turns validated OpenAI requests into engine requests, and engine outputs into OpenAI responses."""
+"""What every endpoint shares: the served model, and the one translation of any request into prompt ids and
+SamplingParams (validation, limits and generation defaults, each rule written once). The endpoints are modules of
+their own (completions.py, chat.py, tokenize.py), each building its responses and streams."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from ..engine.engine import Engine, EngineError
 from ..engine.grammar import Grammar, GrammarCompiler
 from ..engine.params import InvalidRequest, SamplingParams
 from ..families import Family
 from .errors import APIError, error_body
-from .job import Job, JobTimeout, finish_unless_disconnected
+from .job import Job, JobTimeout
 from .logprobs import LogprobFormatter
 from .metrics import Metrics
 from . import tools
-from .schemas import MAX_BEAMS, ChatCompletionRequest, CompletionRequest, _Request
+from .schemas import MAX_BEAMS, ChatCompletionRequest, _Request
 from .streaming import sse, sse_done
 
 R = TypeVar("R", bound=_Request)
@@ -47,14 +48,17 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty
 
 class OpenAIServing:
     def __init__(self, engine: Engine, info: ModelInfo, metrics: Metrics | None = None,
-                 timeout: float | None = None, log_prompts: bool = False) -> None:
+                 timeout: float | None = None, log_prompts: bool = False, responses_store_size: int = 1000) -> None:
+        from .responses import ResponseStore
+
         self.engine = engine
+        self.responses = ResponseStore(responses_store_size)
         self.log_prompts = log_prompts
         self.metrics = metrics
         self.timeout = timeout
         self.tokenizer = engine.tokenizer
         self.info = info
-        self.logprobs = LogprobFormatter(self.tokenizer, self._token_bytes)
+        self.logprobs = LogprobFormatter(self.tokenizer, self.token_bytes)
         # The family's own formats are plain text, tokenized like a completion prompt (as the seeds do); a model's
         # Hugging Face template writes its special tokens itself.
         family_template = info.family.chat_template
@@ -81,13 +85,13 @@ class OpenAIServing:
                                  f"({compiler})", param)
         return compiler
 
-    def _token_bytes(self, token_id: int) -> bytes:
+    def token_bytes(self, token_id: int) -> bytes:
         compiler = self._compiler()
         if isinstance(compiler, str):
             return self.tokenizer.decode([token_id]).encode()
         return compiler.tokenizer.decode_bytes([token_id])
 
-    def _grammar(self, req: _Request, plan: tools.ToolPlan | None) -> Grammar | None:
+    def grammar(self, req: _Request, plan: tools.ToolPlan | None) -> Grammar | None:
         """The grammar the answer must follow (run in a worker thread: compiling takes milliseconds), or None.
         A forced tool call follows the call envelope; `auto` with a JSON response_format follows either."""
         c = req.constraint()
@@ -107,11 +111,11 @@ class OpenAIServing:
         return self.grammars(c.param).compile(c.kind, c.spec, c.param, c.strict)
 
     # -- requests -> engine ----------------------------------------------------------------
-    def _check_model(self, req: _Request) -> None:
+    def check_model(self, req: _Request) -> None:
         if req.model is not None and req.model != self.info.name:
             raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{self.info.name}'", "model", "model_not_found")
 
-    def _with_defaults(self, req: R) -> R:
+    def with_defaults(self, req: R) -> R:
         """Fill the fields a request left unset from the model's generation_config; set fields always win.
         A default beam search is dropped when the request asks for something beams cannot do (sampling, say)."""
         defaults, given = self.info.generation_defaults, req.model_fields_set
@@ -130,7 +134,7 @@ class OpenAIServing:
             update.update({f: defaults[f] for f in SAMPLING_FIELDS if f in defaults and f not in given})
         return req.model_copy(update=update) if update else req
 
-    def _params(self, req: _Request, max_tokens: int | None, prompt_len: int, grammar: Grammar | None = None) -> SamplingParams:
+    def params(self, req: _Request, max_tokens: int | None, prompt_len: int, grammar: Grammar | None = None) -> SamplingParams:
         if max_tokens is None:
             max_tokens = self.info.max_model_len - prompt_len
             if max_tokens < 1:
@@ -157,7 +161,7 @@ class OpenAIServing:
             logit_bias=self._logit_bias(req.logit_bias or {}),
             min_tokens=req.min_tokens or 0,
             ignore_eos=bool(req.ignore_eos),
-            stop_token_ids=tuple(self._token_ids(req.stop_token_ids or [], "stop_token_ids")),
+            stop_token_ids=tuple(self.token_ids(req.stop_token_ids or [], "stop_token_ids")),
             logprobs=req.num_logprobs,
             num_beams=num_beams,
             length_penalty=1.0 if req.length_penalty is None else req.length_penalty,
@@ -194,7 +198,7 @@ class OpenAIServing:
                 raise InvalidRequest(f"'{name}' cannot be combined with beam search (num_beams={width})", name)
         return width
 
-    def _token_ids(self, ids: list[int], param: str) -> list[int]:
+    def token_ids(self, ids: list[int], param: str) -> list[int]:
         vocab = len(self.tokenizer)
         for t in ids:
             if t >= vocab:
@@ -206,9 +210,9 @@ class OpenAIServing:
             if not (k.isascii() and k.isdigit()):
                 raise InvalidRequest(f"logit_bias keys must be token ids in decimal digits, not {k[:40]!r}", "logit_bias")
         ids = [int(k) for k in bias]
-        return tuple(zip(self._token_ids(ids, "logit_bias"), bias.values(), strict=True))
+        return tuple(zip(self.token_ids(ids, "logit_bias"), bias.values(), strict=True))
 
-    def _prompts(self, prompt: Any) -> list[tuple[list[int], str]]:
+    def prompts(self, prompt: Any) -> list[tuple[list[int], str]]:
         """Each prompt as (token ids, text); the text is what `echo` returns."""
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -217,14 +221,16 @@ class OpenAIServing:
         self.engine.check_prompt_count(len(prompt))  # before tokenizing a million of them
         out = []
         for p in prompt:
-            ids = self.tokenizer(p)["input_ids"] if isinstance(p, str) else self._token_ids(p, "prompt")
+            ids = self.tokenizer(p)["input_ids"] if isinstance(p, str) else self.token_ids(p, "prompt")
             if not ids:
                 raise InvalidRequest("prompt must not be empty", "prompt")
             out.append((ids, p if isinstance(p, str) else self.tokenizer.decode(ids)))
         return out
 
-    def _chat_prompt(self, req: ChatCompletionRequest, plan: tools.ToolPlan | None) -> tuple[list[int], str]:
-        """The chat's token ids and the text the template made of it."""
+    def chat_prompt(self, req: ChatCompletionRequest, plan: tools.ToolPlan | None, generation_prompt: bool = True,
+                    special_tokens: bool | None = None) -> tuple[list[int], str]:
+        """The chat's token ids and the text the template made of it (special_tokens: whether the tokenizer adds
+        its own, by default as the chat route does)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest(
                 f"the model '{self.info.name}' ({self.info.family.title}) has no chat template: send a prompt to "
@@ -233,12 +239,14 @@ class OpenAIServing:
             )
         messages, extra = tools.chat_messages(req.messages, plan)
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                                      tokenize=False, **extra)
         except Exception as e:  # a template may refuse a role order, for instance
             raise InvalidRequest(f"the chat template rejected these messages: {e}", "messages") from e
-        return self.tokenizer(text, add_special_tokens=self.chat_special_tokens)["input_ids"], text
+        special = self.chat_special_tokens if special_tokens is None else special_tokens
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"], text
 
-    def _start(self, prompts: list[list[int]], params: list[SamplingParams], prefix: str, raw: Request) -> Job:
+    def start(self, prompts: list[list[int]], params: list[SamplingParams], prefix: str, raw: Request) -> Job:
         rid = f"{prefix}-{uuid.uuid4().hex}"
         streams = self.engine.generate_all([(ids, p, f"{rid}-{i}")
                                             for i, (ids, p) in enumerate(zip(prompts, params, strict=True))])
@@ -246,114 +254,6 @@ class OpenAIServing:
                   self.timeout)
         raw.state.job = job  # the request's log line reads its usage
         return job
-
-    # -- endpoints ------------------------------------------------------------------------
-    async def completions(self, req: CompletionRequest, raw: Request) -> Response:
-        req.check()
-        self._check_model(req)
-        req = self._with_defaults(req)
-        prompts = await asyncio.to_thread(self._prompts, req.prompt)
-        ids = [p for p, _ in prompts]
-        if self.log_prompts:
-            raw.state.prompt = [text for _, text in prompts] if len(prompts) > 1 else prompts[0][1]
-        grammar = await asyncio.to_thread(self._grammar, req, None)
-        params = [self._params(req, req.max_tokens, len(p), grammar) for p in ids]
-        best_of = req.n if req.use_beam_search or (req.num_beams or 1) > 1 else req.best_of or req.n
-        if best_of > req.n:  # draw best_of candidates, each scored by its tokens' log-probabilities
-            logprobs = req.logprobs if req.logprobs is not None else 0
-            params = [replace(p, n=best_of, logprobs=logprobs) for p in params]
-        job = self._start(ids, params, "cmpl", raw)
-        echo = [text for _, text in prompts] if req.echo else None
-        if req.stream:
-            return streaming_response(self._completion_chunks(job, req.include_usage, echo))
-        if not await finish_unless_disconnected(job, raw):
-            return Response(status_code=499)
-        choices = []
-        for i, c in job.best(req.n, len(ids)):
-            head, head_lps = job.echo(i, echo)
-            logprobs = self.logprobs.completion(head_lps + c.logprobs) if req.logprobs is not None else None
-            choices.append({"index": len(choices), "text": head + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
-        return JSONResponse(
-            {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model, "choices": choices, "usage": job.usage()}
-        )
-
-    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
-        req.check()
-        self._check_model(req)
-        req = self._with_defaults(req)
-        plan = tools.plan(req.tools, req.tool_choice, req.parallel_tool_calls,
-                          getattr(self.tokenizer, "chat_template", None))
-        ids, text = await asyncio.to_thread(self._chat_prompt, req, plan)
-        if self.log_prompts:
-            raw.state.prompt = text
-        grammar = await asyncio.to_thread(self._grammar, req, plan)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        job = self._start([ids], [self._params(req, max_tokens, len(ids), grammar)], "chatcmpl", raw)
-        plan = plan if plan is not None and plan.active else None
-        if req.stream:
-            return streaming_response(self._chat_chunks(job, req.include_usage, plan))
-        if not await finish_unless_disconnected(job, raw):
-            return Response(status_code=499)
-        choices = []
-        for i, c in sorted(job.choices.items()):
-            message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
-            finish = c.finish_reason
-            if plan is not None:
-                content, calls = tools.parse(c.text, plan)
-                if calls:
-                    message, finish = {**message, "content": content, "tool_calls": calls}, "tool_calls"
-            choices.append({"index": i, "message": message, "finish_reason": finish,
-                            "logprobs": self.logprobs.chat(c.logprobs if req.logprobs else None)})
-        return JSONResponse(
-            {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model, "choices": choices, "usage": job.usage()}
-        )
-
-    # -- streams --------------------------------------------------------------------------
-    async def _completion_chunks(self, job: Job, include_usage: bool, echo: list[str] | None) -> AsyncIterator[str]:
-        head = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
-        offsets: dict[int, int] = {}
-        async for index, out in job.events():
-            text, entries = out.text, out.logprobs
-            if index not in offsets:  # a choice's first chunk carries the echoed prompt
-                prompt_text, prompt_lps = job.echo(index, echo)
-                text = prompt_text + text
-                entries = None if entries is None else prompt_lps + entries
-                offsets[index] = 0
-            if text or out.finish_reason or entries:
-                logprobs = self.logprobs.completion(entries, offsets[index])
-                if logprobs:
-                    offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-                choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
-                yield sse({**head, "choices": [choice]})
-        if include_usage:
-            yield sse({**head, "choices": [], "usage": job.usage()})
-
-    async def _chat_chunks(self, job: Job, include_usage: bool, plan: tools.ToolPlan | None) -> AsyncIterator[str]:
-        head: dict[str, Any] = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model}
-        if include_usage:
-            head["usage"] = None
-        for i in range(job.n):
-            delta = {"role": "assistant", "content": ""}
-            yield sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
-        calls = {i: tools.ToolStream(plan) for i in range(job.n)} if plan is not None else {}
-        async for index, out in job.events():
-            finish = out.finish_reason
-            if index in calls:  # text turned into content and tool_calls deltas
-                deltas = calls[index].feed(out.text, final=finish is not None)
-                if calls[index].called and finish == "stop":
-                    finish = "tool_calls"
-            else:
-                deltas = [{"content": out.text}] if out.text else []
-            if not deltas and (finish or out.logprobs):
-                deltas = [{}]
-            for k, delta in enumerate(deltas):
-                last = k == len(deltas) - 1
-                choice = {"index": index, "delta": delta, "logprobs": self.logprobs.chat(out.logprobs) if k == 0 else None,
-                          "finish_reason": finish if last else None}
-                yield sse({**head, "choices": [choice]})
-        if include_usage:
-            yield sse({**head, "choices": [], "usage": job.usage()})
-
 
 def streaming_response(chunks: AsyncIterator[str]) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:

@@ -121,6 +121,10 @@ def test_chat_renders_the_family_format(servers, messages, prompt, server, valid
     assert by_chat["choices"][0]["message"]["content"] == by_completion["choices"][0]["text"]
     assert by_chat["usage"]["prompt_tokens"] == by_completion["usage"]["prompt_tokens"]
     assert by_chat["usage"]["completion_tokens"] == by_completion["usage"]["completion_tokens"] > 0
+    # /tokenize counts what the chat route and the completion route count
+    for body in ({"messages": messages}, {"prompt": prompt}):
+        status, counted = post(s, "/tokenize", body)
+        assert status == 200 and counted["count"] == len(counted["tokens"]) == by_chat["usage"]["prompt_tokens"], counted
 
 
 def test_chat_answers_are_real_text_ending_on_token_2(servers):

@@ -6,6 +6,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
 
@@ -24,6 +25,9 @@ def test_api_key_required_on_v1_with_openai_shaped_401(locked, validate):
         assert r.json()["error"]["type"] == "authentication_error"
         assert r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(locked.url + "/v1/models").status_code == 401
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})):
+        assert httpx.post(locked.url + path, json=body).status_code == 401
+        assert httpx.post(locked.url + path, json=body, headers={"Authorization": "Bearer key-one"}).status_code == 200
 
 
 def test_every_key_works_and_open_routes_stay_open(locked):
@@ -122,6 +126,23 @@ def test_metrics_count_requests_tokens_and_latencies(ops_servers):
     for gauge in ("running_requests", "waiting_requests", "batch_rows", "kv_cache_tokens", "kv_cache_bytes"):
         assert f"polyglot_{gauge}" in m
     assert m["polyglot_running_requests"] == 0 and m["polyglot_batch_rows"] == 0
+    # vLLM's names, as the Inference Gateway, KEDA and Grafana dashboards read them, parsed by Prometheus's parser
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
+    tiny = {"model_name": "tiny"}
+
+    def value(name, suffix="", **labels):
+        return next(x.value for x in families[name].samples if x.name == name + suffix and x.labels == {**tiny, **labels})
+
+    assert value("vllm:num_requests_running") == 0 and value("vllm:num_requests_waiting") == 0
+    assert value("vllm:kv_cache_usage_perc") == 0
+    assert value("vllm:prompt_tokens", "_total") == m["polyglot_prompt_tokens_total"]
+    assert value("vllm:generation_tokens", "_total") == m["polyglot_generation_tokens_total"]
+    assert value("vllm:request_success", "_total", finished_reason="length") == 2
+    assert value("vllm:time_to_first_token_seconds", "_count") == 2
+    assert value("vllm:inter_token_latency_seconds", "_count") == 4 + 3
+    assert value("vllm:e2e_request_latency_seconds", "_count") == 2
+    buckets = [x.labels["le"] for x in families["vllm:time_to_first_token_seconds"].samples if "le" in x.labels]
+    assert len(buckets) == 23 and buckets[0] == "0.001" and buckets[-2] == "2560.0"  # vLLM's 22, and +Inf
 
 
 def _idle(server) -> dict[str, float]:
@@ -135,7 +156,9 @@ def _idle(server) -> dict[str, float]:
 
 
 def test_metrics_show_the_running_batch_its_cache_and_a_client_that_left(default_server):
-    before = _idle(default_server)["polyglot_cancelled_requests_total"]
+    idle = _idle(default_server)
+    before = idle["polyglot_cancelled_requests_total"]
+    before_aborted = idle.get('vllm:request_success_total{finished_reason="abort",model_name="SmolLM2-135M-Instruct"}', 0)
     body = {"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 200, "n": 3,
             "stream": True, "ignore_eos": True}
     with httpx.stream("POST", default_server.url + "/v1/completions", json=body, timeout=60) as r:
@@ -149,8 +172,11 @@ def test_metrics_show_the_running_batch_its_cache_and_a_client_that_left(default
             time.sleep(0.1)
     assert during["polyglot_running_requests"] == 1 and during["polyglot_batch_rows"] == 3
     assert during["polyglot_kv_cache_tokens"] >= 3 * 5 and during["polyglot_kv_cache_bytes"] > 0
+    assert 0 < during['vllm:kv_cache_usage_perc{model_name="SmolLM2-135M-Instruct"}'] <= 1
     after = _idle(default_server)
     assert after["polyglot_cancelled_requests_total"] == before + 1
+    aborted = 'vllm:request_success_total{finished_reason="abort",model_name="SmolLM2-135M-Instruct"}'
+    assert after[aborted] >= before_aborted + 3  # the three choices of the request its client left
 
 
 def test_body_over_the_limit_is_413(ops_servers, validate):

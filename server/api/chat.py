@@ -1,0 +1,81 @@
+"""POST /v1/chat/completions: messages (and tools) in, an assistant message out, whole or as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from . import tools
+from .job import Job, finish_unless_disconnected
+from .schemas import ChatCompletionRequest
+from .serving import OpenAIServing, streaming_response
+from .streaming import sse
+
+
+async def start_chat(s: OpenAIServing, req: ChatCompletionRequest, raw: Request, prefix: str
+                     ) -> tuple[Job, tools.ToolPlan | None]:
+    """Queue a chat (also what /v1/responses runs): the job, and the tool plan whose calls its answer may hold."""
+    req.check()
+    s.check_model(req)
+    req = s.with_defaults(req)
+    plan = tools.plan(req.tools, req.tool_choice, req.parallel_tool_calls,
+                      getattr(s.tokenizer, "chat_template", None))
+    ids, text = await asyncio.to_thread(s.chat_prompt, req, plan)
+    if s.log_prompts:
+        raw.state.prompt = text
+    grammar = await asyncio.to_thread(s.grammar, req, plan)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    job = s.start([ids], [s.params(req, max_tokens, len(ids), grammar)], prefix, raw)
+    return job, plan if plan is not None and plan.active else None
+
+
+async def create_chat_completion(s: OpenAIServing, req: ChatCompletionRequest, raw: Request) -> Response:
+    job, plan = await start_chat(s, req, raw, "chatcmpl")
+    if req.stream:
+        return streaming_response(chat_chunks(s, job, req.include_usage, plan))
+    if not await finish_unless_disconnected(job, raw):
+        return Response(status_code=499)
+    choices = []
+    for i, c in sorted(job.choices.items()):
+        message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
+        finish = c.finish_reason
+        if plan is not None:
+            content, calls = tools.parse(c.text, plan)
+            if calls:
+                message, finish = {**message, "content": content, "tool_calls": calls}, "tool_calls"
+        choices.append({"index": i, "message": message, "finish_reason": finish,
+                        "logprobs": s.logprobs.chat(c.logprobs if req.logprobs else None)})
+    return JSONResponse(
+        {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model, "choices": choices, "usage": job.usage()}
+    )
+
+
+async def chat_chunks(s: OpenAIServing, job: Job, include_usage: bool, plan: tools.ToolPlan | None) -> AsyncIterator[str]:
+    head: dict[str, Any] = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model}
+    if include_usage:
+        head["usage"] = None
+    for i in range(job.n):
+        delta = {"role": "assistant", "content": ""}
+        yield sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
+    calls = {i: tools.ToolStream(plan) for i in range(job.n)} if plan is not None else {}
+    async for index, out in job.events():
+        finish = out.finish_reason
+        if index in calls:  # text turned into content and tool_calls deltas
+            deltas = calls[index].feed(out.text, final=finish is not None)
+            if calls[index].called and finish == "stop":
+                finish = "tool_calls"
+        else:
+            deltas = [{"content": out.text}] if out.text else []
+        if not deltas and (finish or out.logprobs):
+            deltas = [{}]
+        for k, delta in enumerate(deltas):
+            last = k == len(deltas) - 1
+            choice = {"index": index, "delta": delta, "logprobs": s.logprobs.chat(out.logprobs) if k == 0 else None,
+                      "finish_reason": finish if last else None}
+            yield sse({**head, "choices": [choice]})
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": job.usage()})
