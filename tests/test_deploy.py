@@ -10,6 +10,7 @@ import yaml
 
 from server.api.routes import router
 from server.config import Settings
+from server.engine.engine import EngineConfig
 from server.families import FAMILY_CHOICES
 from tests.conftest import ROOT
 
@@ -85,6 +86,7 @@ def test_autoscaler_uses_a_metric_the_server_exports():
 
     class Idle:
         num_running = num_waiting = 0
+        config = EngineConfig(max_model_len=2048)
 
         def cache_usage(self):
             return 0, 0, 0

@@ -22,8 +22,7 @@ async def start_chat(s: OpenAIServing, req: ChatCompletionRequest, raw: Request,
     req.check()
     s.check_model(req)
     req = s.with_defaults(req)
-    plan = tools.plan(req.tools, req.tool_choice, req.parallel_tool_calls,
-                      getattr(s.tokenizer, "chat_template", None))
+    plan = s.tool_plan(req)
     ids, text = await asyncio.to_thread(s.chat_prompt, req, plan)
     if s.log_prompts:
         raw.state.prompt = text

@@ -113,8 +113,8 @@ class Job:
                 if not self.finished():
                     (self.metrics.failed if failed else self.metrics.cancelled).inc()
                 for i in range(len(self.streams) * self.n if not failed else 0):
-                    choice = self.choices.get(i)
-                    self.metrics.choice_done(choice.finish_reason or "abort" if choice is not None else "abort")
+                    reason = self.choices[i].finish_reason if i in self.choices else None
+                    self.metrics.choice_done(reason or "abort")
 
     def best(self, n: int, num_prompts: int) -> list[tuple[int, Choice]]:
         """Per prompt, the n choices with the highest mean token log-probability (all of them when n == rows)."""

@@ -7,7 +7,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 
 from ..engine.memory import device_memory
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize", "/v1/models", "/health", "/ready", "/version", "/metrics")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize", "/v1/models",
+             "/health", "/ready", "/version", "/metrics")
 LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
 TOKEN_GAP = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
 # vLLM's bucket boundaries, so that dashboards and recording rules written for it read ours unchanged
@@ -53,12 +54,11 @@ class Metrics:
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, registry=r).set_function(read)
         label = {"model_name": model_name}
-        budget = max(getattr(getattr(engine, "config", None), "max_batch_tokens", 0) or 0, 1)
         vllm_gauges = {
             "vllm:num_requests_running": ("requests in the running batch", lambda: engine.num_running),
             "vllm:num_requests_waiting": ("requests waiting for a place in the batch", lambda: engine.num_waiting),
             "vllm:kv_cache_usage_perc": ("share of the KV-cache token budget in use, 0 to 1 (1 = full)",
-                                         lambda: min(self.usage[1] / budget, 1.0)),
+                                         lambda: min(self.usage[1] / engine.config.max_batch_tokens, 1.0)),
         }
         for name, (doc, read) in vllm_gauges.items():
             Gauge(name, doc, ["model_name"], registry=r).labels(**label).set_function(read)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
 from ..engine.engine import EngineError
@@ -25,7 +25,7 @@ from .chat import start_chat
 from .errors import APIError
 from .job import Job, JobTimeout, finish_unless_disconnected
 from .schemas import ChatCompletionRequest, _Request
-from .serving import OpenAIServing
+from .serving import OpenAIServing, event_stream
 from .streaming import sse
 
 # Responses fields with no chat equivalent here: a 400 naming them when set to anything else
@@ -208,9 +208,13 @@ def _new(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
+def text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
 def message_item(item_id: str, text: str, status: str) -> dict:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if text else []}
+            "content": [text_part(text)] if text else []}
 
 
 def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
@@ -219,10 +223,11 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
 
 
 class Shell:
-    """The parts of a Response that do not depend on its output: what the request asked for."""
+    """The parts of a Response that do not depend on its output (what the request asked for), and the conversation
+    that led to it."""
 
-    def __init__(self, req: ResponsesRequest, job: Job) -> None:
-        self.req, self.job = req, job
+    def __init__(self, req: ResponsesRequest, job: Job, items: list[dict]) -> None:
+        self.req, self.job, self.items = req, job, items
         self.id = "resp_" + job.id.split("-", 1)[1]  # OpenAI's form of a response id
         f = req.text.format if req.text is not None and req.text.format is not None else None
         fmt = {"type": "text"} if f is None else {k: v for k, v in {
@@ -254,8 +259,12 @@ class Shell:
         }
 
 
-def _status(finish: str | None) -> str:
-    return "incomplete" if finish == "length" else "completed"
+    def finish(self, store: ResponseStore, output: list[dict], finish: str | None) -> dict:
+        """The finished Response, kept in the store unless the request said store: false."""
+        body = self.response("incomplete" if finish == "length" else "completed", output, finish)
+        if self.req.store is not False:
+            store.put(self.id, self.items + _as_inputs(output), body)
+        return body
 
 
 def _as_inputs(output: list[dict]) -> list[dict]:
@@ -276,21 +285,18 @@ async def create_response(s: OpenAIServing, req: ResponsesRequest, raw: Request)
     items = history + input_items(req.input)
     chat = to_chat(req, items)
     job, plan = await start_chat(s, chat, raw, "resp")
-    shell = Shell(req, job)
+    shell = Shell(req, job, items)
     if req.stream:
-        return _stream(s, shell, plan, items)
+        return event_stream(_events(s, shell, plan))
     if not await finish_unless_disconnected(job, raw):
         return Response(status_code=499)
     choice = job.choices[0]
     content, calls = tools.parse(choice.text, plan) if plan is not None else (choice.text, [])
-    status = _status(choice.finish_reason)
+    status = "incomplete" if choice.finish_reason == "length" else "completed"
     output = [message_item(_new("msg"), content, status)] if content else []
     output += [call_item(_new("fc"), c["id"], c["function"]["name"], c["function"]["arguments"], "completed")
                for c in calls]
-    body = shell.response(status, output, choice.finish_reason)
-    if req.store is not False:
-        s.responses.put(shell.id, items + _as_inputs(output), body)
-    return JSONResponse(body)
+    return JSONResponse(shell.finish(s.responses, output, choice.finish_reason))
 
 
 def retrieve_response(s: OpenAIServing, rid: str) -> JSONResponse:
@@ -313,83 +319,77 @@ class Events:
         return f"event: {kind}\n" + sse({"type": kind, "sequence_number": self.n - 1, **fields})
 
 
-def _stream(s: OpenAIServing, shell: Shell, plan: tools.ToolPlan | None, items: list[dict]) -> Response:
-    async def body() -> AsyncIterator[str]:
-        event = Events()
-        yield event("response.created", response=shell.response("in_progress", []))
-        yield event("response.in_progress", response=shell.response("in_progress", []))
-        output: list[dict] = []  # items done
-        text_item: dict | None = None  # the message being written
-        calls: dict[int, dict] = {}  # the function calls being written, by their index in the answer
-        stream = tools.ToolStream(plan) if plan is not None else None
-        finish = None
+async def _events(s: OpenAIServing, shell: Shell, plan: tools.ToolPlan | None) -> AsyncIterator[str]:
+    """A Response as its stream of events: lifecycle, then each output item as it is written."""
+    event = Events()
+    yield event("response.created", response=shell.response("in_progress", []))
+    yield event("response.in_progress", response=shell.response("in_progress", []))
+    output: list[dict] = []  # items done
+    text_item: dict | None = None  # the message being written
+    calls: dict[int, dict] = {}  # the function calls being written, by their index in the answer
+    stream = tools.ToolStream(plan) if plan is not None else None
+    finish = None
 
-        def close_text() -> list[str]:
-            nonlocal text_item
-            if text_item is None:
-                return []
-            item, text_item = text_item, None
-            text, idx = item["text"], item["index"]
-            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-            done = message_item(item["id"], text, "completed")
+    def close_text() -> list[str]:
+        nonlocal text_item
+        if text_item is None:
+            return []
+        item, text_item = text_item, None
+        text, idx = item["text"], item["index"]
+        done = message_item(item["id"], text, "completed")
+        output.append(done)
+        return [event("response.output_text.done", item_id=item["id"], output_index=idx, content_index=0,
+                      text=text, logprobs=[]),
+                event("response.content_part.done", item_id=item["id"], output_index=idx, content_index=0,
+                      part=text_part(text)),
+                event("response.output_item.done", output_index=idx, item=done)]
+
+    try:
+        async for _, out in shell.job.events():
+            finish = out.finish_reason
+            deltas = stream.feed(out.text, final=finish is not None) if stream else (
+                [{"content": out.text}] if out.text else [])
+            for d in deltas:
+                if "content" in d:
+                    if text_item is None:
+                        text_item = {"id": _new("msg"), "index": len(output) + len(calls), "text": ""}
+                        yield event("response.output_item.added", output_index=text_item["index"],
+                                    item=message_item(text_item["id"], "", "in_progress"))
+                        yield event("response.content_part.added", item_id=text_item["id"],
+                                    output_index=text_item["index"], content_index=0,
+                                    part=text_part(""))
+                    text_item["text"] += d["content"]
+                    yield event("response.output_text.delta", item_id=text_item["id"],
+                                output_index=text_item["index"], content_index=0, delta=d["content"], logprobs=[])
+                    continue
+                for tc in d["tool_calls"]:
+                    if "id" in tc:  # a new call: whatever text came before it is done
+                        for e in close_text():
+                            yield e
+                        c = calls[tc["index"]] = {"id": _new("fc"), "call_id": tc["id"], "args": "",
+                                                  "name": tc["function"]["name"], "index": len(output) + len(calls)}
+                        yield event("response.output_item.added", output_index=c["index"],
+                                    item=call_item(c["id"], c["call_id"], c["name"], "", "in_progress"))
+                    c = calls[tc["index"]]
+                    piece = tc["function"].get("arguments", "")
+                    if piece:
+                        c["args"] += piece
+                        yield event("response.function_call_arguments.delta", item_id=c["id"],
+                                    output_index=c["index"], delta=piece)
+        for e in close_text():
+            yield e
+        for c in calls.values():
+            done = call_item(c["id"], c["call_id"], c["name"], c["args"], "completed")
             output.append(done)
-            return [event("response.output_text.done", item_id=item["id"], output_index=idx, content_index=0,
-                          text=text, logprobs=[]),
-                    event("response.content_part.done", item_id=item["id"], output_index=idx, content_index=0,
-                          part=part),
-                    event("response.output_item.done", output_index=idx, item=done)]
-
-        try:
-            async for _, out in shell.job.events():
-                finish = out.finish_reason
-                deltas = stream.feed(out.text, final=finish is not None) if stream else (
-                    [{"content": out.text}] if out.text else [])
-                for d in deltas:
-                    if "content" in d:
-                        if text_item is None:
-                            text_item = {"id": _new("msg"), "index": len(output) + len(calls), "text": ""}
-                            yield event("response.output_item.added", output_index=text_item["index"],
-                                        item=message_item(text_item["id"], "", "in_progress"))
-                            yield event("response.content_part.added", item_id=text_item["id"],
-                                        output_index=text_item["index"], content_index=0,
-                                        part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-                        text_item["text"] += d["content"]
-                        yield event("response.output_text.delta", item_id=text_item["id"],
-                                    output_index=text_item["index"], content_index=0, delta=d["content"], logprobs=[])
-                        continue
-                    for tc in d["tool_calls"]:
-                        if "id" in tc:  # a new call: whatever text came before it is done
-                            for e in close_text():
-                                yield e
-                            c = calls[tc["index"]] = {"id": _new("fc"), "call_id": tc["id"], "args": "",
-                                                      "name": tc["function"]["name"], "index": len(output) + len(calls)}
-                            yield event("response.output_item.added", output_index=c["index"],
-                                        item=call_item(c["id"], c["call_id"], c["name"], "", "in_progress"))
-                        c = calls[tc["index"]]
-                        piece = tc["function"].get("arguments", "")
-                        if piece:
-                            c["args"] += piece
-                            yield event("response.function_call_arguments.delta", item_id=c["id"],
-                                        output_index=c["index"], delta=piece)
-            for e in close_text():
-                yield e
-            for c in calls.values():
-                done = call_item(c["id"], c["call_id"], c["name"], c["args"], "completed")
-                output.append(done)
-                yield event("response.function_call_arguments.done", item_id=c["id"], output_index=c["index"],
-                            name=c["name"], arguments=c["args"])
-                yield event("response.output_item.done", output_index=c["index"], item=done)
-            status = _status(finish)
-            final = shell.response(status, output, finish)
-            if shell.req.store is not False:
-                s.responses.put(shell.id, items + _as_inputs(output), final)
-            # response.completed even when max_output_tokens cut the answer (its status then says incomplete): the
-            # SDK's stream helpers wait for that event alone
-            yield event("response.completed", response=final)
-        except (EngineError, JobTimeout) as e:
-            code = "timeout" if isinstance(e, JobTimeout) else "server_error"
-            failed = shell.response("failed", output, error={"code": code, "message": str(e)})
-            yield event("response.failed", response=failed)
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            yield event("response.function_call_arguments.done", item_id=c["id"], output_index=c["index"],
+                        name=c["name"], arguments=c["args"])
+            yield event("response.output_item.done", output_index=c["index"], item=done)
+        final = shell.finish(s.responses, output, finish)
+        # response.completed even when max_output_tokens cut the answer (its status then says incomplete): the
+        # SDK's stream helpers wait for that event alone
+        yield event("response.completed", response=final)
+    except (EngineError, JobTimeout) as e:
+        code = "timeout" if isinstance(e, JobTimeout) else "server_error"
+        failed = shell.response("failed", output, error={"code": code, "message": str(e)})
+        yield event("response.failed", response=failed)
 

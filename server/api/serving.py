@@ -227,6 +227,10 @@ class OpenAIServing:
             out.append((ids, p if isinstance(p, str) else self.tokenizer.decode(ids)))
         return out
 
+    def tool_plan(self, req: ChatCompletionRequest) -> tools.ToolPlan | None:
+        return tools.plan(req.tools, req.tool_choice, req.parallel_tool_calls,
+                          getattr(self.tokenizer, "chat_template", None))
+
     def chat_prompt(self, req: ChatCompletionRequest, plan: tools.ToolPlan | None, generation_prompt: bool = True,
                     special_tokens: bool | None = None) -> tuple[list[int], str]:
         """The chat's token ids and the text the template made of it (special_tokens: whether the tokenizer adds
@@ -255,7 +259,14 @@ class OpenAIServing:
         raw.state.job = job  # the request's log line reads its usage
         return job
 
+def event_stream(body: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events, as every streaming route answers."""
+    return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 def streaming_response(chunks: AsyncIterator[str]) -> StreamingResponse:
+    """Completion and chat chunks, then `data: [DONE]`; an engine failure or timeout mid-stream as an error event."""
+
     async def body() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
@@ -266,6 +277,6 @@ def streaming_response(chunks: AsyncIterator[str]) -> StreamingResponse:
             yield sse(error_body(504, str(e), code="timeout"))
         yield sse_done()
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return event_stream(body())
 
 

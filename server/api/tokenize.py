@@ -6,7 +6,6 @@ import asyncio
 
 from fastapi.responses import JSONResponse
 
-from . import tools
 from .schemas import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
 from .serving import OpenAIServing
 
@@ -15,8 +14,7 @@ def _tokenize(s: OpenAIServing, req: TokenizeRequest) -> list[int]:
     if req.messages is None:
         return s.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens is not False)["input_ids"]
     chat = ChatCompletionRequest(messages=req.messages, tools=req.tools, tool_choice=req.tool_choice)
-    plan = tools.plan(chat.tools, chat.tool_choice, None, getattr(s.tokenizer, "chat_template", None))
-    ids, _ = s.chat_prompt(chat, plan, req.add_generation_prompt, req.add_special_tokens)
+    ids, _ = s.chat_prompt(chat, s.tool_plan(chat), req.add_generation_prompt, req.add_special_tokens)
     return ids
 
 

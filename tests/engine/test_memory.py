@@ -12,6 +12,7 @@ from server.api import app as app_module
 from server.api.metrics import Metrics
 from server.config import Settings
 from server.engine import memory
+from server.engine.engine import EngineConfig
 from server.engine.kvcache import InPlaceLayer, footprint
 from server.engine.loader import Loaded, ModelLoadError, kv_bytes_per_token
 from server.engine.runner import ModelRunner
@@ -136,6 +137,7 @@ def test_metrics_show_device_memory(monkeypatch):
 
     class Idle:
         num_running = num_waiting = 0
+        config = EngineConfig(max_model_len=2048)
 
         def cache_usage(self):
             return 0, 0, 0
