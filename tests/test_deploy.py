@@ -10,7 +10,7 @@ import yaml
 
 from server.api.routes import router
 from server.config import Settings
-from server.engine.engine import EngineConfig
+from server.engine.client import EngineConfig
 from server.families import FAMILY_CHOICES
 from tests.conftest import ROOT
 

@@ -15,7 +15,7 @@ import sentencepiece
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.api.app import build_engine
+from server.engine.build import build_engine
 from server.config import Settings
 from server.engine.checkpoint import tensor_dtypes, weight_files
 from server.engine.loader import (

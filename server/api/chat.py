@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from . import tools
 from .job import Job, finish_unless_disconnected
+from .outputs import (NO_USAGE, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatMessage, ChunkChoice, Delta,
+                      json_response)
 from .schemas import ChatCompletionRequest
 from .serving import OpenAIServing, streaming_response
 from .streaming import sse
@@ -40,26 +41,23 @@ async def create_chat_completion(s: OpenAIServing, req: ChatCompletionRequest, r
         return Response(status_code=499)
     choices = []
     for i, c in sorted(job.choices.items()):
-        message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
-        finish = c.finish_reason
+        message, finish = ChatMessage(content=c.text), c.finish_reason
         if plan is not None:
             content, calls = tools.parse(c.text, plan)
             if calls:
-                message, finish = {**message, "content": content, "tool_calls": calls}, "tool_calls"
-        choices.append({"index": i, "message": message, "finish_reason": finish,
-                        "logprobs": s.logprobs.chat(c.logprobs if req.logprobs else None)})
-    return JSONResponse(
-        {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model, "choices": choices, "usage": job.usage()}
-    )
+                message, finish = ChatMessage(content=content, tool_calls=calls), "tool_calls"
+        choices.append(ChatChoice(index=i, message=message, finish_reason=finish,
+                                  logprobs=s.logprobs.chat(c.logprobs if req.logprobs else None)))
+    return json_response(ChatCompletion(id=job.id, created=job.created, model=job.model, choices=choices,
+                                        usage=job.usage()))
 
 
 async def chat_chunks(s: OpenAIServing, job: Job, include_usage: bool, plan: tools.ToolPlan | None) -> AsyncIterator[str]:
-    head: dict[str, Any] = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model}
-    if include_usage:
-        head["usage"] = None
+    head = {"id": job.id, "created": job.created, "model": job.model}
+    exclude = None if include_usage else NO_USAGE
     for i in range(job.n):
-        delta = {"role": "assistant", "content": ""}
-        yield sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
+        first = ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
+        yield sse(ChatCompletionChunk(**head, choices=[first]), exclude)
     calls = {i: tools.ToolStream(plan) for i in range(job.n)} if plan is not None else {}
     async for index, out in job.events():
         finish = out.finish_reason
@@ -73,8 +71,8 @@ async def chat_chunks(s: OpenAIServing, job: Job, include_usage: bool, plan: too
             deltas = [{}]
         for k, delta in enumerate(deltas):
             last = k == len(deltas) - 1
-            choice = {"index": index, "delta": delta, "logprobs": s.logprobs.chat(out.logprobs) if k == 0 else None,
-                      "finish_reason": finish if last else None}
-            yield sse({**head, "choices": [choice]})
+            choice = ChunkChoice(index=index, delta=Delta(**delta), finish_reason=finish if last else None,
+                                 logprobs=s.logprobs.chat(out.logprobs) if k == 0 else None)
+            yield sse(ChatCompletionChunk(**head, choices=[choice]), exclude)
     if include_usage:
-        yield sse({**head, "choices": [], "usage": job.usage()})
+        yield sse(ChatCompletionChunk(**head, choices=[], usage=job.usage()))

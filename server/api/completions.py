@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from .job import Job, finish_unless_disconnected
+from .outputs import Completion, CompletionChoice, json_response
 from .schemas import CompletionRequest
 from .serving import OpenAIServing, streaming_response
 from .streaming import sse
@@ -39,14 +40,14 @@ async def create_completion(s: OpenAIServing, req: CompletionRequest, raw: Reque
     for i, c in job.best(req.n, len(ids)):
         head, head_lps = job.echo(i, echo)
         logprobs = s.logprobs.completion(head_lps + c.logprobs) if req.logprobs is not None else None
-        choices.append({"index": len(choices), "text": head + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
-    return JSONResponse(
-        {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model, "choices": choices, "usage": job.usage()}
-    )
+        choices.append(CompletionChoice(index=len(choices), text=head + c.text, logprobs=logprobs,
+                                        finish_reason=c.finish_reason))
+    return json_response(Completion(id=job.id, created=job.created, model=job.model, choices=choices,
+                                    usage=job.usage()))
 
 
 async def completion_chunks(s: OpenAIServing, job: Job, include_usage: bool, echo: list[str] | None) -> AsyncIterator[str]:
-    head = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
+    head = {"id": job.id, "created": job.created, "model": job.model}
     offsets: dict[int, int] = {}
     async for index, out in job.events():
         text, entries = out.text, out.logprobs
@@ -57,9 +58,9 @@ async def completion_chunks(s: OpenAIServing, job: Job, include_usage: bool, ech
             offsets[index] = 0
         if text or out.finish_reason or entries:
             logprobs = s.logprobs.completion(entries, offsets[index])
-            if logprobs:
-                offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason}
-            yield sse({**head, "choices": [choice]})
+            if logprobs is not None and logprobs.tokens:
+                offsets[index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+            choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=out.finish_reason)
+            yield sse(Completion(**head, choices=[choice]))
     if include_usage:
-        yield sse({**head, "choices": [], "usage": job.usage()})
+        yield sse(Completion(**head, choices=[], usage=job.usage()))

@@ -10,10 +10,11 @@ from typing import Any
 
 from fastapi import Request
 
-from ..engine.engine import EngineError, RequestStream
+from ..engine.client import EngineError, RequestStream
 from ..engine.request import SeqOutput, TokenLogprob
 from .errors import APIError
 from .metrics import Metrics
+from .outputs import Usage
 
 
 class JobTimeout(Exception):
@@ -67,9 +68,10 @@ class Job:
     def finished(self) -> bool:
         return len(self.choices) == len(self.streams) * self.n and all(c.finish_reason for c in self.choices.values())
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> Usage:
         completion = sum(c.tokens for c in self.choices.values())
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion}
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                     total_tokens=self.prompt_tokens + completion)
 
     async def events(self) -> AsyncIterator[tuple[int, SeqOutput]]:
         """(choice index, what it produced) as the engine produces it, all prompts merged."""

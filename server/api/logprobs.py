@@ -6,6 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ..engine.request import TokenLogprob
+from .outputs import ChatLogprobs, CompletionLogprobs
+from .outputs import TokenLogprob as ChatTokenLogprob
+from .outputs import TopLogprob
 
 
 class LogprobFormatter:
@@ -23,7 +26,7 @@ class LogprobFormatter:
     def token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def completion(self, entries: list[TokenLogprob] | None, offset: int = 0) -> dict | None:
+    def completion(self, entries: list[TokenLogprob] | None, offset: int = 0) -> CompletionLogprobs | None:
         """OpenAI's legacy shape; text_offset counts from `offset` in the returned text."""
         if entries is None:
             return None
@@ -32,14 +35,14 @@ class LogprobFormatter:
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [None if e.logprob is None else {self.token(i): lp for i, lp in e.top} for e in entries],
-            "text_offset": offsets,
-        }
+        return CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[e.logprob for e in entries],
+            top_logprobs=[None if e.logprob is None else {self.token(i): lp for i, lp in e.top} for e in entries],
+            text_offset=offsets,
+        )
 
-    def chat(self, entries: list[TokenLogprob] | None) -> dict | None:
+    def chat(self, entries: list[TokenLogprob] | None) -> ChatLogprobs | None:
         if entries is None:
             return None
 
@@ -47,5 +50,6 @@ class LogprobFormatter:
             token = self.token(token_id)
             return {"token": token, "logprob": logprob, "bytes": self.bytes(token_id, token)}
 
-        content = [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries]
-        return {"content": content, "refusal": None}
+        return ChatLogprobs(content=[ChatTokenLogprob(**item(e.token_id, e.logprob),
+                                                      top_logprobs=[TopLogprob(**item(i, lp)) for i, lp in e.top])
+                                     for e in entries])

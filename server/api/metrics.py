@@ -5,8 +5,6 @@ from __future__ import annotations
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                generate_latest)
 
-from ..engine.memory import device_memory
-
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize", "/v1/models",
              "/health", "/ready", "/version", "/metrics")
 LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
@@ -114,7 +112,13 @@ class Metrics:
 
     def render(self) -> bytes:
         self.usage = self.engine.cache_usage()
-        for name, *values in device_memory(self.devices):
+        if self.devices:
+            from ..engine.memory import device_memory  # torch: only where the model is on a GPU
+
+            self._device_memory(device_memory(self.devices))
+        return generate_latest(self.registry)
+
+    def _device_memory(self, figures: list[tuple[str, int, int, int]]) -> None:
+        for name, *values in figures:
             for gauge, value in zip(self.device_gauges, values, strict=True):
                 gauge.labels(name).set(value)
-        return generate_latest(self.registry)

@@ -67,7 +67,7 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             job = state.get("job")
-            usage = job.usage() if job is not None else {}
+            usage = job.usage().model_dump() if job is not None else {}
             latency = round((time.perf_counter() - start) * 1000, 1)
             metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
             if metrics is not None:

@@ -15,18 +15,20 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, Field, ValidationError
 
-from ..engine.engine import EngineError
+from ..engine.client import EngineError
 from ..engine.params import InvalidRequest
 from . import tools
 from .chat import start_chat
 from .errors import APIError
 from .job import Job, JobTimeout, finish_unless_disconnected
+from .outputs import (ArgumentsDelta, ArgumentsDone, Deleted, Event, FunctionCallItem, ItemEvent, MessageItem,
+                      OutputItem, OutputText, PartEvent, ResponseError, ResponseEvent, ResponseObject, ResponseTool,
+                      ResponseUsage, TextDelta, TextDone, json_response)
 from .schemas import ChatCompletionRequest, _Request
 from .serving import OpenAIServing, event_stream
-from .streaming import sse
 
 # Responses fields with no chat equivalent here: a 400 naming them when set to anything else
 UNSUPPORTED = {"n": (1,), "background": (None, False), "conversation": (None,), "prompt": (None,),
@@ -72,9 +74,9 @@ class ResponseStore:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.items: OrderedDict[str, tuple[list[dict], dict]] = OrderedDict()
+        self.items: OrderedDict[str, tuple[list[dict], ResponseObject]] = OrderedDict()
 
-    def put(self, rid: str, history: list[dict], response: dict) -> None:
+    def put(self, rid: str, history: list[dict], response: ResponseObject) -> None:
         if self.size <= 0:
             return
         self.items[rid] = (history, response)
@@ -82,7 +84,7 @@ class ResponseStore:
         while len(self.items) > self.size:
             self.items.popitem(last=False)
 
-    def get(self, rid: str, param: str = "previous_response_id") -> tuple[list[dict], dict]:
+    def get(self, rid: str, param: str = "previous_response_id") -> tuple[list[dict], ResponseObject]:
         if rid not in self.items:
             raise APIError(404, f"Previous response with id '{rid}' not found: it was not stored (store: false), "
                                 "or this server restarted or evicted it (--responses-store-size), or another replica "
@@ -208,18 +210,8 @@ def _new(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def text_part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def message_item(item_id: str, text: str, status: str) -> dict:
-    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [text_part(text)] if text else []}
-
-
-def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
-    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
-            "status": status}
+def message_item(item_id: str, text: str, status: str) -> MessageItem:
+    return MessageItem(id=item_id, status=status, content=[OutputText(text=text)] if text else [])
 
 
 class Shell:
@@ -233,33 +225,30 @@ class Shell:
         fmt = {"type": "text"} if f is None else {k: v for k, v in {
             "type": f.type, "name": f.name, "schema": f.schema_, "strict": f.strict, "description": f.description,
         }.items() if v is not None}
-        self.base = {
-            "id": self.id, "object": "response", "created_at": job.created, "model": job.model,
-            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
-            "metadata": req.metadata or {}, "parallel_tool_calls": req.parallel_tool_calls is not False,
-            "previous_response_id": req.previous_response_id, "reasoning": None, "store": req.store is not False,
-            "temperature": 1.0 if req.temperature is None else req.temperature,
-            "text": {"format": fmt}, "tool_choice": req.tool_choice or "auto",
-            "tools": [{"type": "function", "name": t["name"], "description": t.get("description"),
-                       "parameters": t.get("parameters"), "strict": t.get("strict")} for t in req.tools or []],
-            "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": "disabled",
+        self.base = dict(
+            id=self.id, created_at=job.created, model=job.model, instructions=req.instructions,
+            max_output_tokens=req.max_output_tokens, metadata=req.metadata or {},
+            parallel_tool_calls=req.parallel_tool_calls is not False, previous_response_id=req.previous_response_id,
+            store=req.store is not False, temperature=1.0 if req.temperature is None else req.temperature,
+            text={"format": fmt}, tool_choice=req.tool_choice or "auto",
+            tools=[ResponseTool(**{k: t.get(k) for k in ("name", "description", "parameters", "strict")})
+                   for t in req.tools or []],
+            top_p=1.0 if req.top_p is None else req.top_p,
             **({"user": req.user} if req.user is not None else {}),
-        }
+        )
 
-    def response(self, status: str, output: list[dict], finish: str | None = None, error: dict | None = None) -> dict:
-        usage = self.job.usage()
-        done = status in ("completed", "incomplete", "failed")
-        return {
-            **self.base, "status": status, "output": output, "error": error,
-            "completed_at": int(time.time()) if status == "completed" else None,
-            "incomplete_details": {"reason": "max_output_tokens"} if finish == "length" else None,
-            **({} if not done else {"usage": {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-                      "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
-                      "total_tokens": usage["total_tokens"]}}),
-        }
+    def response(self, status: str, output: list[OutputItem], finish: str | None = None,
+                 error: ResponseError | None = None) -> ResponseObject:
+        body = ResponseObject(**self.base, status=status, output=output, error=error,
+                              completed_at=int(time.time()) if status == "completed" else None,
+                              incomplete_details={"reason": "max_output_tokens"} if finish == "length" else None)
+        if status in ("completed", "incomplete", "failed"):
+            usage = self.job.usage()
+            body.usage = ResponseUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
+                                       total_tokens=usage.total_tokens)
+        return body
 
-
-    def finish(self, store: ResponseStore, output: list[dict], finish: str | None) -> dict:
+    def finish(self, store: ResponseStore, output: list[OutputItem], finish: str | None) -> ResponseObject:
         """The finished Response, kept in the store unless the request said store: false."""
         body = self.response("incomplete" if finish == "length" else "completed", output, finish)
         if self.req.store is not False:
@@ -267,14 +256,14 @@ class Shell:
         return body
 
 
-def _as_inputs(output: list[dict]) -> list[dict]:
+def _as_inputs(output: list[OutputItem]) -> list[dict]:
     """A response's output items as the input items of the next turn."""
     out = []
     for o in output:
-        if o["type"] == "message":
-            out.append({"type": "message", "role": "assistant", "content": "".join(p["text"] for p in o["content"])})
+        if isinstance(o, MessageItem):
+            out.append({"type": "message", "role": "assistant", "content": "".join(p.text for p in o.content)})
         else:
-            out.append({k: o[k] for k in ("type", "call_id", "name", "arguments")})
+            out.append({"type": "function_call", "call_id": o.call_id, "name": o.name, "arguments": o.arguments})
     return out
 
 
@@ -293,19 +282,19 @@ async def create_response(s: OpenAIServing, req: ResponsesRequest, raw: Request)
     choice = job.choices[0]
     content, calls = tools.parse(choice.text, plan) if plan is not None else (choice.text, [])
     status = "incomplete" if choice.finish_reason == "length" else "completed"
-    output = [message_item(_new("msg"), content, status)] if content else []
-    output += [call_item(_new("fc"), c["id"], c["function"]["name"], c["function"]["arguments"], "completed")
-               for c in calls]
-    return JSONResponse(shell.finish(s.responses, output, choice.finish_reason))
+    output: list[OutputItem] = [message_item(_new("msg"), content, status)] if content else []
+    output += [FunctionCallItem(id=_new("fc"), call_id=c["id"], name=c["function"]["name"],
+                                arguments=c["function"]["arguments"], status="completed") for c in calls]
+    return json_response(shell.finish(s.responses, output, choice.finish_reason))
 
 
-def retrieve_response(s: OpenAIServing, rid: str) -> JSONResponse:
-    return JSONResponse(s.responses.get(rid, "response_id")[1])
+def retrieve_response(s: OpenAIServing, rid: str) -> Response:
+    return json_response(s.responses.get(rid, "response_id")[1])
 
 
-def delete_response(s: OpenAIServing, rid: str) -> JSONResponse:
+def delete_response(s: OpenAIServing, rid: str) -> Response:
     s.responses.delete(rid)
-    return JSONResponse({"id": rid, "object": "response", "deleted": True})
+    return json_response(Deleted(id=rid))
 
 
 class Events:
@@ -314,35 +303,34 @@ class Events:
     def __init__(self) -> None:
         self.n = 0
 
-    def __call__(self, kind: str, **fields: Any) -> str:
+    def __call__(self, cls: type[Event], kind: str, **fields: Any) -> str:
         self.n += 1
-        return f"event: {kind}\n" + sse({"type": kind, "sequence_number": self.n - 1, **fields})
+        return cls(type=kind, sequence_number=self.n - 1, **fields).sse()
 
 
 async def _events(s: OpenAIServing, shell: Shell, plan: tools.ToolPlan | None) -> AsyncIterator[str]:
     """A Response as its stream of events: lifecycle, then each output item as it is written."""
     event = Events()
-    yield event("response.created", response=shell.response("in_progress", []))
-    yield event("response.in_progress", response=shell.response("in_progress", []))
-    output: list[dict] = []  # items done
-    text_item: dict | None = None  # the message being written
-    calls: dict[int, dict] = {}  # the function calls being written, by their index in the answer
+    yield event(ResponseEvent, "response.created", response=shell.response("in_progress", []))
+    yield event(ResponseEvent, "response.in_progress", response=shell.response("in_progress", []))
+    output: list[OutputItem] = []  # items done
+    message: tuple[MessageItem, int, list[str]] | None = None  # the message being written: item, index, text
+    calls: dict[int, tuple[FunctionCallItem, int]] = {}  # the calls being written, by their index in the answer
     stream = tools.ToolStream(plan) if plan is not None else None
     finish = None
 
     def close_text() -> list[str]:
-        nonlocal text_item
-        if text_item is None:
+        nonlocal message
+        if message is None:
             return []
-        item, text_item = text_item, None
-        text, idx = item["text"], item["index"]
-        done = message_item(item["id"], text, "completed")
+        (item, idx, pieces), message = message, None
+        text = "".join(pieces)
+        done = message_item(item.id, text, "completed")
         output.append(done)
-        return [event("response.output_text.done", item_id=item["id"], output_index=idx, content_index=0,
-                      text=text, logprobs=[]),
-                event("response.content_part.done", item_id=item["id"], output_index=idx, content_index=0,
-                      part=text_part(text)),
-                event("response.output_item.done", output_index=idx, item=done)]
+        return [event(TextDone, "response.output_text.done", item_id=item.id, output_index=idx, text=text),
+                event(PartEvent, "response.content_part.done", item_id=item.id, output_index=idx,
+                      part=OutputText(text=text)),
+                event(ItemEvent, "response.output_item.done", output_index=idx, item=done)]
 
     try:
         async for _, out in shell.job.events():
@@ -351,45 +339,44 @@ async def _events(s: OpenAIServing, shell: Shell, plan: tools.ToolPlan | None) -
                 [{"content": out.text}] if out.text else [])
             for d in deltas:
                 if "content" in d:
-                    if text_item is None:
-                        text_item = {"id": _new("msg"), "index": len(output) + len(calls), "text": ""}
-                        yield event("response.output_item.added", output_index=text_item["index"],
-                                    item=message_item(text_item["id"], "", "in_progress"))
-                        yield event("response.content_part.added", item_id=text_item["id"],
-                                    output_index=text_item["index"], content_index=0,
-                                    part=text_part(""))
-                    text_item["text"] += d["content"]
-                    yield event("response.output_text.delta", item_id=text_item["id"],
-                                output_index=text_item["index"], content_index=0, delta=d["content"], logprobs=[])
+                    if message is None:
+                        message = (message_item(_new("msg"), "", "in_progress"), len(output) + len(calls), [])
+                        item, idx, _ = message
+                        yield event(ItemEvent, "response.output_item.added", output_index=idx, item=item)
+                        yield event(PartEvent, "response.content_part.added", item_id=item.id, output_index=idx,
+                                    part=OutputText(text=""))
+                    item, idx, pieces = message
+                    pieces.append(d["content"])
+                    yield event(TextDelta, "response.output_text.delta", item_id=item.id, output_index=idx,
+                                delta=d["content"])
                     continue
                 for tc in d["tool_calls"]:
                     if "id" in tc:  # a new call: whatever text came before it is done
                         for e in close_text():
                             yield e
-                        c = calls[tc["index"]] = {"id": _new("fc"), "call_id": tc["id"], "args": "",
-                                                  "name": tc["function"]["name"], "index": len(output) + len(calls)}
-                        yield event("response.output_item.added", output_index=c["index"],
-                                    item=call_item(c["id"], c["call_id"], c["name"], "", "in_progress"))
-                    c = calls[tc["index"]]
-                    piece = tc["function"].get("arguments", "")
-                    if piece:
-                        c["args"] += piece
-                        yield event("response.function_call_arguments.delta", item_id=c["id"],
-                                    output_index=c["index"], delta=piece)
+                        call = FunctionCallItem(id=_new("fc"), call_id=tc["id"], name=tc["function"]["name"],
+                                                arguments="", status="in_progress")
+                        calls[tc["index"]] = (call, len(output) + len(calls))
+                        yield event(ItemEvent, "response.output_item.added", output_index=calls[tc["index"]][1],
+                                    item=call)
+                    call, idx = calls[tc["index"]]
+                    if piece := tc["function"].get("arguments", ""):
+                        call.arguments += piece
+                        yield event(ArgumentsDelta, "response.function_call_arguments.delta", item_id=call.id,
+                                    output_index=idx, delta=piece)
         for e in close_text():
             yield e
-        for c in calls.values():
-            done = call_item(c["id"], c["call_id"], c["name"], c["args"], "completed")
-            output.append(done)
-            yield event("response.function_call_arguments.done", item_id=c["id"], output_index=c["index"],
-                        name=c["name"], arguments=c["args"])
-            yield event("response.output_item.done", output_index=c["index"], item=done)
+        for call, idx in calls.values():
+            call.status = "completed"
+            output.append(call)
+            yield event(ArgumentsDone, "response.function_call_arguments.done", item_id=call.id, output_index=idx,
+                        name=call.name, arguments=call.arguments)
+            yield event(ItemEvent, "response.output_item.done", output_index=idx, item=call)
         final = shell.finish(s.responses, output, finish)
         # response.completed even when max_output_tokens cut the answer (its status then says incomplete): the
         # SDK's stream helpers wait for that event alone
-        yield event("response.completed", response=final)
+        yield event(ResponseEvent, "response.completed", response=final)
     except (EngineError, JobTimeout) as e:
-        code = "timeout" if isinstance(e, JobTimeout) else "server_error"
-        failed = shell.response("failed", output, error={"code": code, "message": str(e)})
-        yield event("response.failed", response=failed)
-
+        # the spec's ResponseErrorCode has no timeout: server_error, with the message saying what ran out
+        failed = shell.response("failed", output, error=ResponseError(code="server_error", message=str(e)))
+        yield event(ResponseEvent, "response.failed", response=failed)

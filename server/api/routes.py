@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from .. import __version__
 from . import chat, completions, responses, tokenize
 from .errors import APIError, error_response
+from .outputs import ModelCard, ModelList, json_response
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .serving import OpenAIServing
 
@@ -169,25 +170,24 @@ async def create_detokenize(body: Detokenize, s: Serving) -> Response:
     return await tokenize.detokenize(s, body)
 
 
-def _model_card(s: OpenAIServing, created: int) -> dict:
+def _model_card(s: OpenAIServing, created: int) -> ModelCard:
     info = s.info
-    return {"id": info.name, "object": "model", "created": created, "owned_by": "polyglot-server",
-            "family": info.family.name, "max_model_len": info.max_model_len, "dtype": info.dtype,
-            "checkpoint_dtype": info.checkpoint_dtype}
+    return ModelCard(id=info.name, created=created, family=info.family.name, max_model_len=info.max_model_len,
+                     dtype=info.dtype, checkpoint_dtype=info.checkpoint_dtype)
 
 
 @router.get("/v1/models", responses=errors(401))
-async def list_models(raw: Request, s: Serving) -> JSONResponse:
+async def list_models(raw: Request, s: Serving) -> Response:
     """List the served model."""
-    return JSONResponse({"object": "list", "data": [_model_card(s, raw.app.state.started)]})
+    return json_response(ModelList(data=[_model_card(s, raw.app.state.started)]))
 
 
 @router.get("/v1/models/{model_id:path}", responses=errors(400, 401, 404))
-async def retrieve_model(model_id: str, raw: Request, s: Serving) -> JSONResponse:
+async def retrieve_model(model_id: str, raw: Request, s: Serving) -> Response:
     """Describe the served model."""
     if model_id != s.info.name:
         raise APIError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
-    return JSONResponse(_model_card(s, raw.app.state.started))
+    return json_response(_model_card(s, raw.app.state.started))
 
 
 def _engine_down(s: OpenAIServing) -> Response:

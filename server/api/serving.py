@@ -1,23 +1,20 @@
 """What every endpoint shares: the served model, and the one translation of any request into prompt ids and
-SamplingParams (validation, limits and generation defaults, each rule written once). The endpoints are modules of
-their own (completions.py, chat.py, tokenize.py), each building its responses and streams."""
+SamplingParams (validation, limits and generation defaults, each rule written once), over any EngineClient. The
+endpoints are modules of their own (completions.py, chat.py, responses.py, tokenize.py), each building its answers
+from the typed objects of outputs.py."""
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..engine.engine import Engine, EngineError
-from ..engine.grammar import Grammar, GrammarCompiler
+from ..engine.client import EngineClient, EngineError, ModelInfo
 from ..engine.params import InvalidRequest, SamplingParams
-from ..families import Family
 from .errors import APIError, error_body
 from .job import Job, JobTimeout
 from .logprobs import LogprobFormatter
@@ -26,18 +23,13 @@ from . import tools
 from .schemas import MAX_BEAMS, ChatCompletionRequest, _Request
 from .streaming import sse, sse_done
 
+if TYPE_CHECKING:
+    from ..engine.grammar import Grammar, GrammarCompiler
+
+__all__ = ["ModelInfo", "OpenAIServing", "event_stream", "streaming_response"]
+
 R = TypeVar("R", bound=_Request)
 SAMPLING_EPS = 1e-5  # temperatures below this decode greedily
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str  # the id clients send
-    family: Family
-    max_model_len: int
-    dtype: str = ""  # served in
-    checkpoint_dtype: str = ""  # the weights as stored
-    generation_defaults: dict[str, Any] = field(default_factory=dict)  # for fields a request leaves unset
 
 
 BEAM_FIELDS = ("num_beams", "length_penalty", "early_stopping")
@@ -47,7 +39,7 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine, info: ModelInfo, metrics: Metrics | None = None,
+    def __init__(self, engine: EngineClient, info: ModelInfo, metrics: Metrics | None = None,
                  timeout: float | None = None, log_prompts: bool = False, responses_store_size: int = 1000) -> None:
         from .responses import ResponseStore
 
@@ -63,30 +55,17 @@ class OpenAIServing:
         # Hugging Face template writes its special tokens itself.
         family_template = info.family.chat_template
         self.chat_special_tokens = family_template is not None and self.tokenizer.chat_template == family_template
-        self._grammars: GrammarCompiler | str | None = None  # or why it cannot be built
-        self._grammars_lock = threading.Lock()
-        # it indexes the whole vocabulary once (0.4 s for 49,152 tokens): done now, off the event loop
-        threading.Thread(target=self._compiler, name="grammar-compiler", daemon=True).start()
 
     # -- structured outputs and tools -------------------------------------------------------
-    def _compiler(self) -> GrammarCompiler | str:
-        with self._grammars_lock:
-            if self._grammars is None:
-                try:
-                    self._grammars = GrammarCompiler(self.tokenizer, self.engine.eos_ids, self.engine.runner.vocab_size)
-                except Exception as e:  # a tokenizer llguidance cannot read
-                    self._grammars = f"{type(e).__name__}: {e}"
-            return self._grammars
-
     def grammars(self, param: str) -> GrammarCompiler:
-        compiler = self._compiler()
+        compiler = self.engine.grammars()
         if isinstance(compiler, str):
             raise InvalidRequest(f"'{param}' needs a grammar, and this model's tokenizer cannot be used for one "
                                  f"({compiler})", param)
         return compiler
 
     def token_bytes(self, token_id: int) -> bytes:
-        compiler = self._compiler()
+        compiler = self.engine.grammars()
         if isinstance(compiler, str):
             return self.tokenizer.decode([token_id]).encode()
         return compiler.tokenizer.decode_bytes([token_id])

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
+from .outputs import Detokenized, Tokenized, json_response
 from .schemas import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
 from .serving import OpenAIServing
 
@@ -18,17 +19,17 @@ def _tokenize(s: OpenAIServing, req: TokenizeRequest) -> list[int]:
     return ids
 
 
-async def tokenize(s: OpenAIServing, req: TokenizeRequest) -> JSONResponse:
+async def tokenize(s: OpenAIServing, req: TokenizeRequest) -> Response:
     s.check_model(req)
     ids = await asyncio.to_thread(_tokenize, s, req)
-    body = {"count": len(ids), "max_model_len": s.info.max_model_len, "tokens": ids,
-            "token_strs": s.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None}
+    body = Tokenized(count=len(ids), max_model_len=s.info.max_model_len, tokens=ids,
+                     token_strs=s.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None)
     if req.return_token_bytes:
-        body["token_bytes"] = [list(s.token_bytes(t)) for t in ids]
-    return JSONResponse(body)
+        body.token_bytes = [list(s.token_bytes(t)) for t in ids]
+    return json_response(body)
 
 
-async def detokenize(s: OpenAIServing, req: DetokenizeRequest) -> JSONResponse:
+async def detokenize(s: OpenAIServing, req: DetokenizeRequest) -> Response:
     s.check_model(req)
     ids = s.token_ids(req.tokens, "tokens")
-    return JSONResponse({"prompt": await asyncio.to_thread(s.tokenizer.decode, ids)})
+    return json_response(Detokenized(prompt=await asyncio.to_thread(s.tokenizer.decode, ids)))

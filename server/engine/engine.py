@@ -12,16 +12,17 @@ import ctypes.util
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .batch import Batch
 from .beam import BeamSearch
+from .client import EngineConfig, EngineError, RequestStream
 from .decoding import DecodePipeline
 from .detokenizer import IncrementalDetokenizer
+from .grammar import GrammarCompiler
+from .memory import cuda_devices
 from .params import InvalidRequest, QueueFullError, SamplingParams
 from .request import Request, RequestOutput, Sequence, SeqOutput, TokenLogprob
 from .runner import ModelRunner, Prefill
@@ -48,21 +49,6 @@ MALLOC_TRIM = _malloc_trim()
 __all__ = ["Engine", "EngineConfig", "EngineError", "QueueFullError", "RequestStream"]
 
 
-class EngineError(RuntimeError):
-    """The engine failed while running a request."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_model_len: int
-    max_batch_size: int = 64
-    max_batch_tokens: int = 131072
-    max_waiting: int = 256
-    prefill_chunk: int = 64  # prompt tokens fed per step while streams run
-    eos_token_ids: tuple[int, ...] = ()  # end tokens besides the model's and tokenizer's (a family's)
-    fuse_prefill: bool = True  # decode and prefill chunks in one forward, where the model passes the check
-
-
 def _device_lost(e: Exception) -> bool:
     """A CUDA error that sticks to the context (illegal memory access, device-side assert): every later kernel
     fails too, so only a restart helps. Out-of-memory is not one of them."""
@@ -72,30 +58,9 @@ def _device_lost(e: Exception) -> bool:
     return isinstance(e, torch.AcceleratorError) or "CUDA error" in text or "device-side assert" in text
 
 
-class RequestStream:
-    """What `Engine.generate` returns: iterate it for RequestOutputs; leaving early aborts the request."""
-
-    def __init__(self, engine: Engine, request_id: str) -> None:
-        self.engine = engine
-        self.request_id = request_id
-        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                out = await self.queue.get()
-                if out.error is not None:
-                    finished = True
-                    raise EngineError(out.error)
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                self.engine.abort(self.request_id)
-
-
 class Engine:
+    """The EngineClient (client.py) that runs a model."""
+
     def __init__(self, model: Any, tokenizer: Any, device: Any, config: EngineConfig) -> None:
         self.tokenizer = tokenizer
         self.config = config
@@ -115,10 +80,24 @@ class Engine:
         self._trimmed = self.last_step
         self._trim = MALLOC_TRIM is not None and torch.device(device).type == "cpu"
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.devices = cuda_devices(model)
+        self._grammars: GrammarCompiler | str | None = None  # or why it cannot be built
+        self._grammars_lock = threading.Lock()
 
     # -- the asyncio side ---------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        # the compiler indexes the whole vocabulary once (0.4 s for 49,152 tokens): done now, off the event loop
+        threading.Thread(target=self.grammars, name="grammar-compiler", daemon=True).start()
+
+    def grammars(self) -> GrammarCompiler | str:
+        with self._grammars_lock:
+            if self._grammars is None:
+                try:
+                    self._grammars = GrammarCompiler(self.tokenizer, self.eos_ids, self.runner.vocab_size)
+                except Exception as e:  # a tokenizer llguidance cannot read
+                    self._grammars = f"{type(e).__name__}: {e}"
+            return self._grammars
 
     def stop(self) -> None:
         with self._cv:

@@ -8,11 +8,11 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 
-from server.api import app as app_module
+from server.engine import build as build_module
 from server.api.metrics import Metrics
 from server.config import Settings
 from server.engine import memory
-from server.engine.engine import EngineConfig
+from server.engine.client import EngineConfig
 from server.engine.kvcache import InPlaceLayer, footprint
 from server.engine.loader import Loaded, ModelLoadError, kv_bytes_per_token
 from server.engine.runner import ModelRunner
@@ -110,26 +110,26 @@ def _loaded(model, tokenizer):
 
 def test_start_up_sizes_the_kv_cache_from_the_device_and_refuses_one_too_small(gpt2, tokenizer, monkeypatch):
     per_token = kv_bytes_per_token(gpt2.config, torch.float32)  # 2 layers x 64 x 2 x 4 bytes
-    monkeypatch.setattr(app_module, "cuda_devices", lambda model: [torch.device("cuda:0")])
+    monkeypatch.setattr(build_module, "cuda_devices", lambda model: [torch.device("cuda:0")])
     device = FakeDevice(total=10 * GiB, other=0, weights=0)
     device.install(monkeypatch)
     settings = Settings(max_batch_size=8, gpu_memory_utilization=0.9, prefill_chunk=16)
     # room for only 3,000 tokens of KV under the utilization: less than the budget 8 x 256 rows would want
     device.weights = int(10 * GiB * 0.9) - 3000 * per_token
-    budget = app_module.kv_budget(settings, _loaded(gpt2, tokenizer), 256)
+    budget = build_module.kv_budget(settings, _loaded(gpt2, tokenizer), 256)
     assert budget == memory.token_budget(3000, 8, 256) and 256 <= budget < 8 * 256
-    assert app_module.kv_budget(dataclasses.replace(settings, max_batch_tokens=300), _loaded(gpt2, tokenizer),
+    assert build_module.kv_budget(dataclasses.replace(settings, max_batch_tokens=300), _loaded(gpt2, tokenizer),
                                 256) == 300  # an explicit budget still lowers it
     device.weights = int(10 * GiB * 0.9) - 100 * per_token
     with pytest.raises(ModelLoadError, match="less than one full-length row of 256 tokens"):
-        app_module.kv_budget(settings, _loaded(gpt2, tokenizer), 256)
+        build_module.kv_budget(settings, _loaded(gpt2, tokenizer), 256)
     with pytest.raises(ModelLoadError, match="--gpu-memory-utilization must be in"):
-        app_module.kv_budget(dataclasses.replace(settings, gpu_memory_utilization=1.5), _loaded(gpt2, tokenizer), 256)
+        build_module.kv_budget(dataclasses.replace(settings, gpu_memory_utilization=1.5), _loaded(gpt2, tokenizer), 256)
 
 
 def test_cpu_budget_stays_the_flag(gpt2, tokenizer):
-    assert app_module.kv_budget(Settings(), _loaded(gpt2, tokenizer), 256) == 131072
-    assert app_module.kv_budget(Settings(max_batch_tokens=5000), _loaded(gpt2, tokenizer), 256) == 5000
+    assert build_module.kv_budget(Settings(), _loaded(gpt2, tokenizer), 256) == 131072
+    assert build_module.kv_budget(Settings(max_batch_tokens=5000), _loaded(gpt2, tokenizer), 256) == 5000
 
 
 def test_metrics_show_device_memory(monkeypatch):

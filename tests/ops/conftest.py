@@ -13,7 +13,6 @@ def ops_servers(start_server, tiny_llama_dir):
         locked=(*tiny, "--api-key", "key-one,key-two", "--cors-origins", "https://app.example", "--log-format", "json"),
         log_prompts=(*tiny, "--log-prompts", "--max-body-bytes", "2000"),  # its tests send small bodies
         counted=tiny,  # its metrics count the requests of the tests that use it only
-        timeout=("--request-timeout", "1"),
         # the default model (fast enough to fuzz, slow enough that a long stream outlasts a dropped connection) with
         # tight connection limits and a small waiting room
         strict=("--header-timeout", "1", "--body-timeout", "2", "--write-timeout", "1", "--max-connections", "60",
