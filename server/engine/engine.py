@@ -1,4 +1,4 @@
-"""The engine: one thread owns the model and runs schedule -> forward -> update, step after step.
+"""The engine: one thread owns the model and runs plan -> forward -> sample -> update, step after step.
 
 The asyncio side talks to it through `generate()` (returns a RequestStream to iterate) and `abort()`;
 results cross back with `loop.call_soon_threadsafe`.
@@ -25,12 +25,11 @@ from .grammar import GrammarCompiler
 from .memory import cuda_devices
 from .params import InvalidRequest, QueueFullError, SamplingParams
 from .request import Request, RequestOutput, Sequence, SeqOutput, TokenLogprob
-from .runner import ModelRunner, Prefill
+from .runner import ModelRunner
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
-ATTENTION_DEPTH = 512  # prompt tokens fed past which a chunk is made smaller: it also attends to all before it
 TRIM_SECONDS = 60.0  # how often, while busy, freed memory goes back to the OS (and always when the engine idles)
 
 
@@ -65,10 +64,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self.runner = ModelRunner(model, device, len(tokenizer), config.max_batch_size, config.max_model_len)
-        self.scheduler = Scheduler(config.max_batch_size, config.max_batch_tokens)
+        self.scheduler = Scheduler(config.max_batch_size, config.max_batch_tokens, config.prefill_chunk)
         self.eos_ids = eos_token_ids(model, tokenizer) | set(config.eos_token_ids)
         self.batch: Batch | None = None
-        self.prefills: list[Prefill] = []  # admitted prompts not yet fully fed, in groups
         self._cv = threading.Condition()
         self._inbox: list[Request] = []
         self._aborts: set[str] = set()
@@ -112,8 +110,8 @@ class Engine:
     def cache_usage(self) -> tuple[int, int, int]:
         """Rows in the running batch, the tokens its KV cache spans (rows x width), and the bytes of every KV
         buffer allocated (running batch and prompts being prefilled). Read from another thread: a snapshot."""
-        batch, prefills = self.batch, list(self.prefills)
-        caches = ([batch.cache] if batch is not None else []) + [p.cache for p in prefills]
+        batch, groups = self.batch, list(self.scheduler.prefilling)
+        caches = ([batch.cache] if batch is not None else []) + [g.state.cache for g in groups if g.state is not None]
         allocated = sum(c.nbytes for c in caches)
         return (len(batch), len(batch) * batch.width, allocated) if batch is not None else (0, 0, allocated)
 
@@ -196,7 +194,7 @@ class Engine:
     def _loop(self) -> None:
         if self.config.fuse_prefill:
             # checked here: forwards run on another thread first leave this one's OpenMP team half as fast
-            fused = self.runner.enable_fused()
+            fused = self.scheduler.fused = self.runner.enable_fused()
             log.info("decode and prefill chunks: %s", "one forward" if fused else "two forwards (model not supported)")
         while True:
             with self._cv:
@@ -237,51 +235,22 @@ class Engine:
             log.debug("malloc_trim took %.1f ms", (self._trimmed - now) * 1000)
 
     def step(self) -> None:
-        """One engine step: decode one token for every running row, and feed the prompts being prefilled their
-        next chunks, all in one forward where the model allows (fused.py). Prompts are admitted every step, in
-        groups of similar length (a group is padded to its longest prompt), and fed shortest-remaining first
-        within --prefill-chunk tokens a step, so long prompts join over several steps while the streams keep
-        getting tokens and short prompts do not wait behind them."""
-        if self.runner.fused or not self.prefills:  # two forwards a step: one group at a time
-            admitted = self.scheduler.schedule()
-            for r in admitted:
-                r.sequences = [self._new_sequence(r, i) for i in range(r.num_rows)]
-                if r.params.num_beams > 1:
-                    r.beam = BeamSearch(r, self.tokenizer, self.eos_ids)
-            self.prefills += [self.runner.start_prefill(group) for group in by_length(admitted)]
-        feeds = self._feeds()
-        if self.batch is not None and feeds and all(self.runner.can_fuse(p) for p, _ in feeds):
-            logits, done = self.runner.fused_step(self.batch, feeds)
+        """One engine step, as the scheduler plans it (scheduler.py): the running batch decodes a token per row and
+        prompt groups get their next chunks, in one forward where the model allows (fused.py); groups whose last
+        chunk is in join the batch."""
+        plan = self.scheduler.schedule()
+        for r in plan.admitted:
+            r.sequences = [self._new_sequence(r, i) for i in range(r.num_rows)]
+            if r.params.num_beams > 1:
+                r.beam = BeamSearch(r, self.tokenizer, self.eos_ids)
+        logits, prefilled = self.runner.execute(plan, self.batch)
+        self.scheduler.fed(plan)
+        if logits is not None:
             self._advance(self.batch, logits)
             self._evict_finished()
-        else:
-            if self.batch is not None:
-                self._advance(self.batch, self.runner.decode(self.batch))
-                self._evict_finished()
-            feeds = feeds[:1]
-            done = [self.runner.prefill_step(p, chunk) for p, chunk in feeds]
-        for (p, _), result in zip(feeds, done, strict=True):
-            if result is not None:
-                self.prefills.remove(p)
-                self._join(*result)
+        for batch, first_logits in prefilled:
+            self._join(batch, first_logits)
         self._evict_finished()
-
-    def _feeds(self) -> list[tuple[Prefill, int]]:
-        """(prefill, columns to feed) for this step: fewest remaining tokens first, within the step's budget; with
-        no stream running nobody waits, so the first is fed whole."""
-        order = sorted(self.prefills, key=lambda p: (p.ids.shape[1] - p.done) * len(p.requests))
-        if self.batch is None:
-            return [(p, p.ids.shape[1]) for p in order[:1]]
-        feeds, budget = [], self.config.prefill_chunk
-        for p in order:
-            rows = len(p.requests)
-            # a chunk deep into a long prompt also attends to everything before it: fewer tokens per step there
-            chunk = min(p.ids.shape[1] - p.done, max(16, budget // rows // (1 + p.done // ATTENTION_DEPTH)))
-            feeds.append((p, chunk))
-            budget -= chunk * rows
-            if budget <= 0:
-                break
-        return feeds
 
     def _join(self, batch: Batch, logits) -> None:
         live = [i for i, s in enumerate(batch.seqs) if not s.finished]  # aborted while prefilling
@@ -404,19 +373,7 @@ class Engine:
             self.scheduler.remove(r)
             self._requests.pop(r.request_id, None)
         self.batch = None
-        self.prefills = []
-
-
-def by_length(requests: list[Request]) -> list[list[Request]]:
-    """Requests in groups of similar prompt length: a group is padded to its longest, so a short prompt is not
-    fed (and kept waiting) as long as a long one."""
-    groups: list[list[Request]] = []
-    for r in sorted(requests, key=lambda r: len(r.prompt_ids)):
-        if groups and len(r.prompt_ids) <= 2 * len(groups[-1][0].prompt_ids) + 16:
-            groups[-1].append(r)
-        else:
-            groups.append([r])
-    return groups
+        self.scheduler.prefilling = []
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:

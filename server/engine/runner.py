@@ -15,6 +15,7 @@ from .kvcache import KVCache
 from .params import SamplingParams
 from .request import Request, Sequence, TokenLogprob
 from .sampling import sample, token_logprobs
+from .scheduler import StepPlan
 
 PROMPT_SLICE = 256  # prompt positions whose logits exist at once for prompt log-probabilities (echo): 256 x a
 # 256,000-token vocabulary x 4 bytes is 262 MB, where a whole 2,048-token prompt would take 2.1 GB a row
@@ -32,7 +33,7 @@ def bare_requests(prompts, params: SamplingParams) -> list[Request]:
 
 @dataclass
 class Prefill:
-    """Prompts being prefilled a chunk at a time: left-padded to one width, with a cache of their own until
+    """A prompt group's tensors (scheduler.PromptGroup): left-padded to one width, with a cache of their own until
     they join the running batch."""
 
     requests: list[Request]
@@ -40,7 +41,6 @@ class Prefill:
     mask: torch.Tensor  # (rows, width): 1 = prompt token
     positions: torch.Tensor  # (rows, width): each token's position in its own prompt
     cache: KVCache
-    done: int = 0  # columns fed so far
 
 
 class ModelRunner:
@@ -94,22 +94,35 @@ class ModelRunner:
         return Prefill(requests, ids.to(self.device), mask, (mask.cumsum(dim=1) - 1).clamp(min=0),
                        KVCache(width, *self.cache_limits))
 
+    def execute(self, plan: StepPlan, batch: Batch | None) -> tuple[torch.Tensor | None, list[tuple[Batch, torch.Tensor]]]:
+        """Run a step's plan (scheduler.py): the running batch's logits if it decodes, and the batch and logits of
+        each prompt group whose last chunk this was."""
+        for c in plan.chunks:
+            if c.group.state is None:
+                c.group.state = self.start_prefill(c.group.requests)
+        if plan.fused:
+            logits, done = self.fused_step(batch, [(c.group.state, c.start, c.end) for c in plan.chunks])
+        else:
+            logits = self.decode(batch) if plan.decode else None
+            done = [self.prefill_step(c.group.state, c.start, c.end) for c in plan.chunks]
+        return logits, [d for d in done if d is not None]
+
     def prefill(self, requests: list[Request]) -> tuple[Batch, torch.Tensor]:
         """The whole prefill in one forward."""
         p = self.start_prefill(requests)
-        return self.prefill_step(p, p.ids.shape[1])
+        return self.prefill_step(p, 0, p.ids.shape[1])
 
     @torch.inference_mode()
-    def prefill_step(self, p: Prefill, chunk: int) -> tuple[Batch, torch.Tensor] | None:
-        """Feed the next `chunk` columns of the prompts; when the last one is in, return their batch and the
-        logits of each row's last position. Prompt log-probabilities (echo) need every position, so such a prefill
-        runs whole, and its logits are made a slice of positions at a time."""
+    def prefill_step(self, p: Prefill, start: int, end: int) -> tuple[Batch, torch.Tensor] | None:
+        """Feed columns start:end of the prompts; when the last one is in, return their batch and the logits of
+        each row's last position. Prompt log-probabilities (echo) need every position, so such a prefill runs
+        whole (start 0, end its width), and its logits are made a slice of positions at a time."""
         requests = p.requests
         wants = [r.params.prompt_logprobs is not None for r in requests]
         echo = any(wants)
         width = p.ids.shape[1]
-        end = width if echo else min(width, p.done + chunk)
-        ids, mask, positions = p.ids[:, p.done : end], p.mask[:, :end], p.positions[:, p.done : end]
+        assert not echo or (start, end) == (0, width), "a prefill with prompt log-probabilities runs whole"
+        ids, mask, positions = p.ids[:, start:end], p.mask[:, :end], p.positions[:, start:end]
         head = None
         if echo and self.trunk is not None:  # the last hidden states of every position
             scores = self.trunk(input_ids=ids, **self._inputs(mask, positions, p.cache)).last_hidden_state
@@ -117,7 +130,6 @@ class ModelRunner:
         else:
             scores = self._forward(ids, mask, positions, p.cache, all_logits=echo)
             logits = scores[:, -1, :] if echo else scores
-        p.done = end
         if end < width:
             return None
         for r, want, row_scores, row_ids in zip(requests, wants, scores, p.ids, strict=True):
@@ -157,42 +169,38 @@ class ModelRunner:
         batch, _ = self.prefill(requests(*running))
         p1, p2 = self.start_prefill(requests(*first)), self.start_prefill(requests(*second))
         batch.next_tokens = tokens[0]  # step 1: 4 of 7 columns of the first group, all of the second
-        decoded, done = self.fused_step(batch, [(p1, 4), (p2, 3)])
+        decoded, done = self.fused_step(batch, [(p1, 0, 4), (p2, 0, 3)])
         got = [decoded]
         batch.next_tokens = tokens[1]  # step 2: the first group's last 3
-        decoded, done2 = self.fused_step(batch, [(p1, 4)])
+        decoded, done2 = self.fused_step(batch, [(p1, 4, 7)])
         got += [decoded, done[1][1], done2[0][1]]
         return done[0] is None and all(torch.allclose(g, e, rtol=0.05, atol=0.05 * float(e.abs().max()))
                                        for g, e in zip(got, expected, strict=True))
 
-    def can_fuse(self, p: Prefill) -> bool:
-        return self.fused and all(r.params.prompt_logprobs is None for r in p.requests)
-
     @torch.inference_mode()
-    def fused_step(self, batch: Batch, feeds: list[tuple[Prefill, int]]) -> tuple[torch.Tensor, list]:
-        """`decode(batch)` and `prefill_step(p, chunk)` for each (p, chunk) in `feeds`, in one forward (fused.py):
-        the running rows' logits, and per prefill its batch and logits when this chunk was its last, else None."""
+    def fused_step(self, batch: Batch, feeds: list[tuple[Prefill, int, int]]) -> tuple[torch.Tensor, list]:
+        """`decode(batch)` and `prefill_step(p, start, end)` for each (p, start, end) in `feeds`, in one forward
+        (fused.py): the running rows' logits, and per prefill its batch and logits when this chunk was its last,
+        else None."""
         rows = len(batch)
         batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones((rows, 1))], dim=1)
         groups, ids, positions, keep, spans = [], [batch.next_tokens], [batch.positions], list(range(rows)), []
-        for p, chunk in feeds:
-            end = min(p.ids.shape[1], p.done + chunk)
-            size, first = end - p.done, sum(t.numel() for t in ids)
-            groups.append(fused.Group(p.cache, len(p.requests), size, fused.prefill_mask(p.mask, p.done, end)))
-            ids.append(p.ids[:, p.done : end].reshape(-1))
-            positions.append(p.positions[:, p.done : end].reshape(-1))
+        for p, start, end in feeds:
+            size, first = end - start, sum(t.numel() for t in ids)
+            groups.append(fused.Group(p.cache, len(p.requests), size, fused.prefill_mask(p.mask, start, end)))
+            ids.append(p.ids[:, start:end].reshape(-1))
+            positions.append(p.positions[:, start:end].reshape(-1))
             last = end == p.ids.shape[1]
             if last:  # each prompt's last position
                 keep += [first + i * size + size - 1 for i in range(len(p.requests))]
-            spans.append((p, end, last))
+            spans.append((p, last))
         step = fused.FusedStep(batch.cache, rows, batch.attention_mask.bool()[:, None, None, :], groups)
         logits = fused.forward(self.model, step, torch.cat(ids).unsqueeze(0),
                                torch.cat(positions).unsqueeze(0) if self.takes_positions else None,
                                torch.tensor(keep, device=self.device))[:, : self.vocab_size]
         batch.positions = batch.positions + 1
         done, at = [], rows
-        for p, end, last in spans:
-            p.done = end
+        for p, last in spans:
             done.append(self._prefilled(p, logits[at : at + len(p.requests)]) if last else None)
             at += len(p.requests) if last else 0
         return logits[:rows], done

@@ -1,23 +1,88 @@
-"""Admission policy: which waiting requests join the running batch. No torch, no HTTP.
+"""The plan of each engine step: which waiting requests are admitted, whether the running batch decodes, and which
+prompt columns are fed. No torch, no HTTP.
 
-Budgets: `max_batch_size` rows, and `max_batch_tokens` tokens of KV cache. The batch is padded
-to one timeline, so its cache holds rows x longest row; a request is admitted only if, with every
-row grown to its reserved length (prompt + max_tokens), the batch still fits the token budget.
+Admission has two budgets: `max_batch_size` rows, and `max_batch_tokens` tokens of KV cache. The batch is padded to
+one timeline, so its cache holds rows x longest row; a request is admitted only if, with every row grown to its
+reserved length (prompt + max_tokens), the batch still fits the token budget.
+
+Admitted prompts are fed in groups of similar length (a group is padded to its longest prompt), fewest remaining
+tokens first, within `prefill_chunk` tokens a step while the batch decodes, so long prompts join over several steps
+while the streams keep getting tokens and short prompts do not wait behind them. With nothing decoding nobody waits:
+the first group is fed whole. Where the runner cannot fuse decode rows and prompt chunks into one forward (`fused`
+false), a step feeds one group, and no new group is admitted while one is being fed.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
 
 from .request import Request, Status
 
+ATTENTION_DEPTH = 512  # prompt tokens fed past which a chunk is made smaller: it also attends to all before it
+MIN_CHUNK = 16  # the fewest columns a group is fed in a step
+
+
+@dataclass(eq=False)
+class PromptGroup:
+    """Admitted prompts fed together, left-padded to the longest; `done` of its `width` columns are in."""
+
+    requests: list[Request]
+    done: int = 0
+    state: Any = None  # the runner's side of it (padded ids, mask, its own KV cache), made at its first chunk
+
+    @property
+    def width(self) -> int:
+        return max(len(r.prompt_ids) for r in self.requests)
+
+    @property
+    def echo(self) -> bool:
+        """Whether a request wants prompt log-probabilities: then the group is fed whole, in a forward of its own."""
+        return any(r.params.prompt_logprobs is not None for r in self.requests)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    group: PromptGroup
+    start: int
+    end: int
+
+    @property
+    def last(self) -> bool:
+        return self.end == self.group.width
+
+
+@dataclass
+class StepPlan:
+    admitted: list[Request]  # new this step: their rows are to be made
+    decode: bool  # the running batch takes one token per row
+    chunks: list[Chunk] = field(default_factory=list)  # prompt columns to feed
+    fused: bool = False  # decode and chunks in one forward
+
+
+def by_length(requests: list[Request]) -> list[list[Request]]:
+    """Requests in groups of similar prompt length: a group is padded to its longest, so a short prompt is not
+    fed (and kept waiting) as long as a long one."""
+    groups: list[list[Request]] = []
+    for r in sorted(requests, key=lambda r: len(r.prompt_ids)):
+        if groups and len(r.prompt_ids) <= 2 * len(groups[-1][0].prompt_ids) + 16:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, max_batch_tokens: int) -> None:
+    def __init__(self, max_batch_size: int, max_batch_tokens: int, prefill_chunk: int = 64,
+                 fused: bool = False) -> None:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.prefill_chunk = prefill_chunk
+        self.fused = fused  # whether the runner runs decode rows and prompt chunks in one forward
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # admitted: being prefilled (in a group) or in the batch
+        self.prefilling: list[PromptGroup] = []
 
     def fits_alone(self, *requests: Request) -> bool:
         """Whether the requests could ever run together (an empty batch admits them)."""
@@ -34,7 +99,39 @@ class Scheduler:
             self.running.remove(request)
         request.status = Status.FINISHED
 
-    def schedule(self) -> list[Request]:
+    def schedule(self) -> StepPlan:
+        """The next step's plan. `fed(plan)` records it once it has run."""
+        self.prefilling = [g for g in self.prefilling if any(r.status is Status.RUNNING for r in g.requests)]
+        admitted = self.admit() if self.fused or not self.prefilling else []
+        self.prefilling += [PromptGroup(group) for group in by_length(admitted)]
+        feeding = {r for g in self.prefilling for r in g.requests}
+        decode = any(r not in feeding for r in self.running)
+        chunks = self._chunks(decode)
+        fused = decode and bool(chunks) and self.fused and not any(c.group.echo for c in chunks)
+        return StepPlan(admitted, decode, chunks if fused else chunks[:1], fused)
+
+    def _chunks(self, decode: bool) -> list[Chunk]:
+        order = sorted(self.prefilling, key=lambda g: (g.width - g.done) * len(g.requests))
+        if not decode:  # nobody waits: the first group whole
+            return [Chunk(g, g.done, g.width) for g in order[:1]]
+        chunks, budget = [], self.prefill_chunk
+        for g in order:
+            rows, left = len(g.requests), g.width - g.done
+            # a chunk deep into a long prompt also attends to everything before it: fewer tokens per step there
+            size = left if g.echo else min(left, max(MIN_CHUNK, budget // rows // (1 + g.done // ATTENTION_DEPTH)))
+            chunks.append(Chunk(g, g.done, g.done + size))
+            budget -= size * rows
+            if budget <= 0:
+                break
+        return chunks
+
+    def fed(self, plan: StepPlan) -> None:
+        """The plan's chunks are in: groups whose last column is in leave (their requests are in the batch)."""
+        for c in plan.chunks:
+            c.group.done = c.end
+        self.prefilling = [g for g in self.prefilling if g.done < g.width]
+
+    def admit(self) -> list[Request]:
         """Admit waiting requests, oldest first, while both budgets hold; return the admitted ones."""
         rows = sum(r.num_rows for r in self.running)
         longest = max((r.reserved_len for r in self.running), default=0)

@@ -182,7 +182,7 @@ def test_short_prompt_overtakes_a_long_prefill(model_and_engine, tokenizer):
         while "stream" not in events:
             await asyncio.sleep(0.001)
         slow = asyncio.create_task(watch(long, 4, "long"))
-        while not (engine.prefills and engine.prefills[0].done > 0):  # the long prompt's first chunk is in
+        while not (engine.scheduler.prefilling and engine.scheduler.prefilling[0].done > 0):  # the long prompt's first chunk is in
             await asyncio.sleep(0.001)
         fast = await watch(short, 4, "short")
         return await stream, await slow, fast
@@ -197,7 +197,7 @@ def test_short_prompt_overtakes_a_long_prefill(model_and_engine, tokenizer):
 
 
 def test_prompts_are_grouped_by_length():
-    from server.engine.engine import by_length
+    from server.engine.scheduler import by_length
     from server.engine.request import Request
 
     requests = [Request(str(n), [1] * n, SamplingParams(max_tokens=1), emit=lambda _: None) for n in (300, 5, 20, 40, 41, 100)]
