@@ -2,10 +2,13 @@
 
 Rows join (extend, re-padding on the left), leave (drop, filled from the end), and can be duplicated or
 reordered (select): the cache rows follow, moved in place (kvcache.py). Every row's next position is tracked, so
-models with absolute or rotary positions see the same positions whatever the padding.
+models with absolute or rotary positions see the same positions whatever the padding. The rows' sampling parameters
+are tensors on the device, made once and moved with the rows, not rebuilt each step.
 """
 
 from __future__ import annotations
+
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -22,6 +25,29 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+@dataclass(frozen=True)
+class RowParams:
+    """Each row's sampling parameters, (rows,) tensors on the batch's device."""
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    min_p: torch.Tensor
+
+    @classmethod
+    def of(cls, seqs: list[Sequence], device: torch.device) -> RowParams:
+        params = [s.request.params for s in seqs]
+        rows = torch.tensor([[p.temperature, p.top_p, p.top_k, p.min_p] for p in params], dtype=torch.float64)
+        on = rows.to(device)
+        return cls(on[:, 0].float(), on[:, 1].float(), on[:, 2].long(), on[:, 3].float())
+
+    def select(self, idx: torch.Tensor) -> RowParams:
+        return RowParams(*(t.index_select(0, idx) for t in astuple(self)))
+
+    def cat(self, other: RowParams) -> RowParams:
+        return RowParams(*(torch.cat([a, b]) for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+
 class Batch:
     def __init__(
         self,
@@ -36,6 +62,13 @@ class Batch:
         self.attention_mask = attention_mask
         self.positions = positions
         self.next_tokens = next_tokens
+        self._params: RowParams | None = None  # made at the first sampling step, then moved with the rows
+
+    @property
+    def params(self) -> RowParams:
+        if self._params is None:
+            self._params = RowParams.of(self.seqs, self.attention_mask.device)
+        return self._params
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -57,6 +90,8 @@ class Batch:
         self.attention_mask = mask[:, trim:]
         self.positions = self.positions.index_select(0, idx)
         self.next_tokens = self.next_tokens.index_select(0, idx)
+        if self._params is not None:
+            self._params = self._params.select(idx)
         moved = [(i, j) for i, j in enumerate(indices) if i != j]
         self.move_cache_rows([i for i, _ in moved], [j for _, j in moved], len(indices), trim)
 
@@ -96,5 +131,7 @@ class Batch:
         for mine, theirs in zip(self.cache.live_layers(), other.cache.live_layers(), strict=True):
             mine.append_rows(theirs, width)
         self.seqs = self.seqs + other.seqs
+        both = self._params is not None and other._params is not None
+        self._params = self._params.cat(other._params) if both else None
         self.positions = torch.cat([self.positions, other.positions])
         self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])

@@ -231,19 +231,12 @@ class ModelRunner:
     def sample(self, batch: Batch, logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
         """Next token per row, after each row's processors, and its log-probability (with the top alternatives)
         for rows that ask."""
-        params = [s.request.params for s in batch.seqs]
         logits = apply_processors(logits, batch.seqs)
-        temperature = torch.tensor([p.temperature for p in params], device=self.device)
-        tokens = sample(
-            logits,
-            temperature,
-            torch.tensor([p.top_p for p in params], device=self.device),
-            torch.tensor([p.top_k for p in params], device=self.device),
-            [s.generator for s in batch.seqs],
-            torch.tensor([p.min_p for p in params], device=self.device),
-        )
+        rows = batch.params
+        tokens = sample(logits, rows.temperature, rows.top_p, rows.top_k, [s.generator for s in batch.seqs],
+                        rows.min_p)
         batch.next_tokens = tokens
-        return tokens.tolist(), self._logprobs(logits, temperature, tokens, params)
+        return tokens.tolist(), self._logprobs(logits, rows.temperature, tokens, [s.request.params for s in batch.seqs])
 
     def _logprobs(self, logits, temperature, tokens, params) -> list[TokenLogprob | None]:
         rows = [i for i, p in enumerate(params) if p.logprobs is not None]

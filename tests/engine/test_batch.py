@@ -100,3 +100,31 @@ def test_cache_written_in_place_survives_leaves_wider_joins_and_growth(runner):
         ids = seq.request.prompt_ids
         ref = alone(runner, ids, firsts[tuple(ids)], done[tuple(ids)])
         torch.testing.assert_close(out[row], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_parameters_move_with_their_rows(runner):
+    """Made once, then carried through joins, leaves, duplicates and reorders: always equal to the rows' own."""
+    from server.engine.batch import RowParams
+
+    def req(ids, **params):
+        r = Request(str(ids), ids, SamplingParams(max_tokens=8, **params), emit=lambda out: None)
+        r.sequences = [Sequence(r, 0, detok=None)]
+        return r
+
+    def same(batch):
+        made, fresh = batch.params, RowParams.of(batch.seqs, torch.device("cpu"))
+        for got, want in zip(made.__dict__.values(), fresh.__dict__.values(), strict=True):
+            assert torch.equal(got, want)
+
+    a, _ = runner.prefill([req([5, 6], temperature=0.7, top_k=5), req([7, 8, 9], temperature=0.0, min_p=0.1)])
+    same(a)
+    b, _ = runner.prefill([req([10, 11], top_p=0.5)])
+    same(b)
+    a.extend(b)
+    same(a)
+    assert a.params.top_p.tolist() == [1.0, 1.0, 0.5] and a.params.top_k.tolist() == [5, 0, 0]
+    a.select([2, 0, 0, 1])
+    same(a)
+    a.drop([1])
+    same(a)
+    assert a.params.temperature.tolist() == pytest.approx([1.0, 0.0, 0.7])  # the last row filled the hole
