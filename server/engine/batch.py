@@ -8,7 +8,7 @@ are tensors on the device, made once and moved with the rows, not rebuilt each s
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -33,19 +33,23 @@ class RowParams:
     top_p: torch.Tensor
     top_k: torch.Tensor
     min_p: torch.Tensor
+    host: list[tuple[float, float, int, float]]  # the same numbers on the host, so no step reads them back
 
     @classmethod
     def of(cls, seqs: list[Sequence], device: torch.device) -> RowParams:
-        params = [s.request.params for s in seqs]
-        rows = torch.tensor([[p.temperature, p.top_p, p.top_k, p.min_p] for p in params], dtype=torch.float64)
-        on = rows.to(device)
-        return cls(on[:, 0].float(), on[:, 1].float(), on[:, 2].long(), on[:, 3].float())
+        host = [(p.temperature, p.top_p, p.top_k, p.min_p) for p in (s.request.params for s in seqs)]
+        on = torch.tensor(host, dtype=torch.float64).to(device)
+        return cls(on[:, 0].float(), on[:, 1].float(), on[:, 2].long(), on[:, 3].float(), host)
 
-    def select(self, idx: torch.Tensor) -> RowParams:
-        return RowParams(*(t.index_select(0, idx) for t in astuple(self)))
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.temperature, self.top_p, self.top_k, self.min_p
+
+    def select(self, idx: torch.Tensor, indices: list[int]) -> RowParams:
+        return RowParams(*(t.index_select(0, idx) for t in self.tensors()), [self.host[i] for i in indices])
 
     def cat(self, other: RowParams) -> RowParams:
-        return RowParams(*(torch.cat([a, b]) for a, b in zip(astuple(self), astuple(other), strict=True)))
+        return RowParams(*(torch.cat([a, b]) for a, b in zip(self.tensors(), other.tensors(), strict=True)),
+                         self.host + other.host)
 
 
 class Batch:
@@ -91,7 +95,7 @@ class Batch:
         self.positions = self.positions.index_select(0, idx)
         self.next_tokens = self.next_tokens.index_select(0, idx)
         if self._params is not None:
-            self._params = self._params.select(idx)
+            self._params = self._params.select(idx, indices)
         moved = [(i, j) for i, j in enumerate(indices) if i != j]
         self.move_cache_rows([i for i, _ in moved], [j for _, j in moved], len(indices), trim)
 

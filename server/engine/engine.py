@@ -267,13 +267,9 @@ class Engine:
     def _advance(self, batch: Batch, logits) -> None:
         """Choose every row's next token: sampled or greedy rows directly, beam rows by their search,
         which may also reorder the beam rows (the cache rows follow their parents)."""
-        broken = torch.isnan(logits).any(dim=-1).nonzero().squeeze(1).tolist()
-        if broken:  # that request fails; its rows are sampled from zeros and then dropped
-            logits = logits.clone()
-            logits[broken] = 0.0
-            for request in {batch.seqs[row].request for row in broken}:
-                self._fail_request(request, "the model produced NaN logits for this request")
-        tokens, logprobs = self.runner.sample(batch, logits)
+        tokens, logprobs, broken = self.runner.sample(batch, logits)
+        for request in {batch.seqs[row].request for row in broken}:  # sampled from zeros; its rows leave now
+            self._fail_request(request, "the model produced NaN logits for this request")
         groups: dict[Request, list[int]] = {}
         for row, seq in enumerate(batch.seqs):
             if seq.request.beam is not None and not seq.finished:

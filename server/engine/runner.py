@@ -228,30 +228,38 @@ class ModelRunner:
         return logits
 
     @torch.inference_mode()
-    def sample(self, batch: Batch, logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+    def sample(self, batch: Batch, logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None], list[int]]:
         """Next token per row, after each row's processors, and its log-probability (with the top alternatives)
-        for rows that ask."""
+        for rows that ask; and the rows whose logits held NaN (their requests are to fail: such a row samples from
+        zeros). Tokens, NaN flags and log-probabilities come to the host in one copy."""
+        nan = torch.isnan(logits).any(dim=-1)
+        logits.masked_fill_(nan.unsqueeze(1), 0.0)
         logits = apply_processors(logits, batch.seqs)
         rows = batch.params
         tokens = sample(logits, rows.temperature, rows.top_p, rows.top_k, [s.generator for s in batch.seqs],
-                        rows.min_p)
+                        rows.min_p, rows.host)
         batch.next_tokens = tokens
-        return tokens.tolist(), self._logprobs(logits, rows.temperature, tokens, [s.request.params for s in batch.seqs])
-
-    def _logprobs(self, logits, temperature, tokens, params) -> list[TokenLogprob | None]:
-        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        params = [s.request.params for s in batch.seqs]
+        asked = [i for i, p in enumerate(params) if p.logprobs is not None]
+        # one float64 row per batch row: token, NaN flag, then (where asked) the chosen token's log-probability,
+        # the best ids and their log-probabilities (ids are exact in float64)
+        parts = [tokens.double().unsqueeze(1), nan.double().unsqueeze(1)]
+        num_top = max((params[i].logprobs for i in asked), default=0)
+        if asked:
+            idx = torch.tensor(asked, device=self.device)
+            chosen, top_ids, top_lps = token_logprobs(logits[idx], rows.temperature[idx], tokens[idx], num_top)
+            figures = logits.new_zeros((len(params), 1 + 2 * num_top), dtype=torch.float64)
+            figures[idx] = torch.cat([chosen.double().unsqueeze(1), top_ids.double(), top_lps.double()], dim=1)
+            parts.append(figures)
+        host = torch.cat(parts, dim=1).tolist()  # the step's one wait for the device
         out: list[TokenLogprob | None] = [None] * len(params)
-        if not rows:
-            return out
-        idx = torch.tensor(rows, device=self.device)
-        num_top = max(params[i].logprobs for i in rows)
-        chosen, top_ids, top_lps = token_logprobs(logits[idx], temperature[idx], tokens[idx], num_top)
-        for row, lp, ids, lps in zip(rows, chosen.tolist(), top_ids.tolist(), top_lps.tolist(), strict=True):
-            k = params[row].logprobs
+        for row in asked:
+            k, line = params[row].logprobs, host[row]
+            ids, lps = line[3 : 3 + num_top], line[3 + num_top :]
             # tokens a processor banned (a grammar's mask, a -100 bias) have no log-probability to report
-            top = [(i, v) for i, v in zip(ids[:k], lps[:k], strict=True) if v != float("-inf")]
-            out[row] = TokenLogprob(int(tokens[row]), lp, top)
-        return out
+            top = [(int(t), v) for t, v in zip(ids[:k], lps[:k], strict=True) if v != float("-inf")]
+            out[row] = TokenLogprob(int(line[0]), line[2], top)
+        return [int(line[0]) for line in host], out, [row for row, line in enumerate(host) if line[1]]
 
     @staticmethod
     def _prompt_logprobs(scores: torch.Tensor, ids: torch.Tensor, length: int, k: int, head=None) -> list[TokenLogprob]:

@@ -8,12 +8,15 @@ SHORTLIST = 1024  # top-k/top-p look here first; the full sort runs only if the 
 BLOCK = 256  # the inverse-CDF draw sums blocks of this many tokens, then scans one block
 
 
-def truncate(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Zero the probabilities outside each row's top-k (0 = off) and top-p nucleus; the best token always survives."""
+def truncate(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_k: int | None = None,
+             nucleus: bool = True) -> torch.Tensor:
+    """Zero the probabilities outside each row's top-k (0 = off) and top-p nucleus; the best token always survives.
+    `max_k`: the largest top_k, and `nucleus`: whether any row has top_p < 1, where the caller knows them."""
     vocab = probs.shape[-1]
-    width = min(vocab, max(SHORTLIST, int(top_k.max())))
+    width = min(vocab, max(SHORTLIST, int(top_k.max()) if max_k is None else max_k))
     vals, idx = probs.topk(width, dim=-1)
-    if width < vocab and bool(((top_p < 1) & (vals.sum(dim=-1) < top_p)).any()):
+    # a nucleus the shortlist does not hold needs the full sort: a data-dependent check, one wait for the device
+    if nucleus and width < vocab and bool(((top_p < 1) & (vals.sum(dim=-1) < top_p)).any()):
         vals, idx = probs.sort(dim=-1, descending=True)
     ranks = torch.arange(vals.shape[-1], device=probs.device).unsqueeze(0)
     cut = ranks >= torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
@@ -28,24 +31,33 @@ def sample(
     top_k: torch.Tensor,
     generators: list[torch.Generator | None],
     min_p: torch.Tensor | None = None,
+    host: list[tuple[float, float, int, float]] | None = None,
 ) -> torch.Tensor:
     """Next token per row. Rows with temperature 0 take the argmax; the others are drawn from
     softmax(logits / temperature) after top-k/top-p and min-p, by inverse CDF with one uniform number per
-    row, from the row's own generator when it has one (a seeded row draws the same whatever the batch)."""
-    rows = (temperature > 0).nonzero().squeeze(1)
-    if rows.numel() == 0:
+    row, from the row's own generator when it has one (a seeded row draws the same whatever the batch).
+    `host`: each row's (temperature, top_p, top_k, min_p) as numbers, where the caller has them: then which rows
+    sample, truncate or cut by min-p is read from them, not from the device."""
+    if host is None:
+        host = list(zip(temperature.tolist(), top_p.tolist(), top_k.tolist(),
+                        min_p.tolist() if min_p is not None else [0.0] * len(temperature), strict=True))
+    sampled = [i for i, h in enumerate(host) if h[0] > 0]
+    if not sampled:
         return logits.argmax(dim=-1)
-    every = rows.numel() == logits.shape[0]
+    every = len(sampled) == logits.shape[0]
+    rows = torch.tensor(sampled, device=logits.device)
     probs = ((logits if every else logits[rows]).float() / temperature[rows].unsqueeze(1)).softmax(dim=-1)
     k, p = top_k[rows], top_p[rows]
-    cut = ((k > 0) | (p < 1)).nonzero().squeeze(1)
-    if cut.numel():
-        probs[cut] = truncate(probs[cut], k[cut], p[cut])
-    if min_p is not None and bool((min_p[rows] > 0).any()):
+    cut_rows = [j for j, i in enumerate(sampled) if host[i][2] > 0 or host[i][1] < 1]
+    if cut_rows:
+        cut = torch.tensor(cut_rows, device=logits.device)
+        probs[cut] = truncate(probs[cut], k[cut], p[cut], max(int(host[sampled[j]][2]) for j in cut_rows),
+                              any(host[sampled[j]][1] < 1 for j in cut_rows))
+    if min_p is not None and any(host[i][3] > 0 for i in sampled):
         # min-p: drop tokens less likely than min_p times the most likely one
         probs = probs * (probs >= min_p[rows].unsqueeze(1) * probs.max(dim=-1, keepdim=True).values)
-    uniform = torch.rand(rows.numel(), dtype=torch.float64, device=logits.device)
-    for i, row in enumerate(rows.tolist()):
+    uniform = torch.rand(len(sampled), dtype=torch.float64, device=logits.device)
+    for i, row in enumerate(sampled):
         if generators[row] is not None:
             uniform[i] = torch.rand(1, dtype=torch.float64, generator=generators[row], device=logits.device)[0]
     drawn = inverse_cdf(probs, uniform)

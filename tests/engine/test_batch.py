@@ -113,8 +113,9 @@ def test_sampling_parameters_move_with_their_rows(runner):
 
     def same(batch):
         made, fresh = batch.params, RowParams.of(batch.seqs, torch.device("cpu"))
-        for got, want in zip(made.__dict__.values(), fresh.__dict__.values(), strict=True):
+        for got, want in zip(made.tensors(), fresh.tensors(), strict=True):
             assert torch.equal(got, want)
+        assert made.host == fresh.host
 
     a, _ = runner.prefill([req([5, 6], temperature=0.7, top_k=5), req([7, 8, 9], temperature=0.0, min_p=0.1)])
     same(a)
