@@ -115,10 +115,7 @@ class Metrics:
         if self.devices:
             from ..engine.memory import device_memory  # torch: only where the model is on a GPU
 
-            self._device_memory(device_memory(self.devices))
+            for name, *values in device_memory(self.devices):
+                for gauge, value in zip(self.device_gauges, values, strict=True):
+                    gauge.labels(name).set(value)
         return generate_latest(self.registry)
-
-    def _device_memory(self, figures: list[tuple[str, int, int, int]]) -> None:
-        for name, *values in figures:
-            for gauge, value in zip(self.device_gauges, values, strict=True):
-                gauge.labels(name).set(value)

@@ -25,9 +25,8 @@ def Omitted() -> Any:  # noqa: N802 (a field declaration, like Field)
     return Field(None, exclude_if=_none)
 
 
-
-def json_response(body: BaseModel, status_code: int = 200) -> Response:
-    return Response(body.model_dump_json(), status_code=status_code, media_type="application/json")
+def json_response(body: BaseModel) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 class Usage(BaseModel):
