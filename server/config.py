@@ -40,6 +40,8 @@ class Settings:
     kv_cache_memory: str | None = None
     prefill_chunk: int = 64
     fuse_prefill: bool = True
+    prefix_cache: bool = True
+    prefix_cache_memory: str | None = None
     log_level: str = "info"
     log_format: str = "text"
     log_prompts: bool = False
@@ -99,6 +101,10 @@ HELP = {
     "fuse_prefill": "run the running rows' decode and the prompt chunks in one forward, for models that pass a "
     "start-up check (Llama, GPT-2 and other models on transformers' attention interface); --no-fuse-prefill runs "
     "two forwards a step",
+    "prefix_cache": "keep prompts' keys and values by blocks of 16 tokens and reuse them for later prompts that "
+    "start the same way (a shared system prompt, a chat's earlier turns); --no-prefix-cache turns it off",
+    "prefix_cache_memory": "bytes the prefix cache may hold, least recently used blocks evicted (e.g. 2GiB; "
+    "default: 1/8 of the KV-cache budget, on CPU at most 1GiB)",
     "trust_remote_code": "allow models that ship their own Python code (such as PolyLM base checkpoints) to run it",
     "device_map": "spread the layers over devices with accelerate: auto, balanced, sequential (GPUs, then CPU)",
     "max_memory": "with --device-map, the memory per device, e.g. '0=20GiB,1=20GiB,cpu=64GiB'",

@@ -55,6 +55,9 @@ class FakeEngine:
     def stalled_for(self) -> float:
         return 0.0
 
+    def prefix_cache_stats(self) -> None:
+        return None
+
     def cache_usage(self) -> tuple[int, int, int]:
         return len(self.tasks), 0, 0
 

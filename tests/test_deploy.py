@@ -91,6 +91,9 @@ def test_autoscaler_uses_a_metric_the_server_exports():
         def cache_usage(self):
             return 0, 0, 0
 
+        def prefix_cache_stats(self):
+            return None
+
     exported = Metrics(Idle()).render().decode()
     hpa = next(d for d in manifests() if d["kind"] == "HorizontalPodAutoscaler")
     for metric in hpa["spec"]["metrics"]:

@@ -14,7 +14,7 @@ from ..engine.client import EngineError, RequestStream
 from ..engine.request import SeqOutput, TokenLogprob
 from .errors import APIError
 from .metrics import Metrics
-from .outputs import Usage
+from .outputs import PromptTokensDetails, Usage
 
 
 class JobTimeout(Exception):
@@ -45,6 +45,7 @@ class Job:
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # by prompt index
     started: float = field(default_factory=time.perf_counter)
     last_token: dict[int, float] = field(default_factory=dict)  # by choice: when its last token came
+    cached_tokens: dict[int, int] = field(default_factory=dict)  # by prompt: prompt tokens the prefix cache gave
 
     def _observe(self, index: int, tokens: int) -> None:
         now = time.perf_counter()
@@ -70,8 +71,9 @@ class Job:
 
     def usage(self) -> Usage:
         completion = sum(c.tokens for c in self.choices.values())
+        details = PromptTokensDetails(cached_tokens=sum(self.cached_tokens.values())) if self.cached_tokens else None
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-                     total_tokens=self.prompt_tokens + completion)
+                     total_tokens=self.prompt_tokens + completion, prompt_tokens_details=details)
 
     async def events(self) -> AsyncIterator[tuple[int, SeqOutput]]:
         """(choice index, what it produced) as the engine produces it, all prompts merged."""
@@ -82,6 +84,8 @@ class Job:
                 async for out in stream:
                     if out.prompt_logprobs is not None:
                         self.prompt_logprobs[p] = out.prompt_logprobs
+                    if out.cached_tokens is not None:
+                        self.cached_tokens[p] = out.cached_tokens
                     for o in out.outputs:
                         await queue.put((p * self.n + o.index, o))
             except EngineError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize", "/v1/models",
              "/health", "/ready", "/version", "/metrics")
@@ -15,6 +16,28 @@ VLLM_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1
 VLLM_ITL = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 VLLM_E2E = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
             960.0, 1920.0, 7680.0)
+
+
+class PrefixCacheCollector:
+    """The prefix cache's counts, read from the engine at each scrape (nothing when it has none): prompt tokens
+    looked up and found, under our names and vLLM's, and the bytes its pool holds."""
+
+    def __init__(self, engine, model_name: str) -> None:
+        self.engine, self.model_name = engine, model_name
+
+    def collect(self):
+        stats = self.engine.prefix_cache_stats()
+        if stats is None:
+            return
+        queries, hits, nbytes = stats
+        for prefix, labels in (("polyglot_", None), ("vllm:", ["model_name"])):
+            for name, doc, value in (("prefix_cache_queries", "prompt tokens looked up in the prefix cache", queries),
+                                     ("prefix_cache_hits", "prompt tokens found in the prefix cache", hits)):
+                family = CounterMetricFamily(prefix + name, doc, labels=labels)
+                family.add_metric([self.model_name] if labels else [], value)
+                yield family
+        yield GaugeMetricFamily("polyglot_prefix_cache_bytes", "bytes of keys and values the prefix cache holds",
+                                value=nbytes)
 
 
 class Metrics:
@@ -73,6 +96,7 @@ class Metrics:
                                   ["model_name"], buckets=VLLM_ITL, registry=r).labels(**label)
         self.vllm_e2e = Histogram("vllm:e2e_request_latency_seconds", "end-to-end latency of generation requests",
                                   ["model_name"], buckets=VLLM_E2E, registry=r).labels(**label)
+        r.register(PrefixCacheCollector(engine, model_name))
         self.devices = list(devices)
         if self.devices:
             self.device_gauges = [

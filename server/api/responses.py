@@ -246,6 +246,8 @@ class Shell:
             usage = self.job.usage()
             body.usage = ResponseUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
                                        total_tokens=usage.total_tokens)
+            if usage.prompt_tokens_details is not None:
+                body.usage.input_tokens_details["cached_tokens"] = usage.prompt_tokens_details.cached_tokens
         return body
 
     def finish(self, store: ResponseStore, output: list[OutputItem], finish: str | None) -> ResponseObject:

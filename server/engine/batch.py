@@ -1,19 +1,26 @@
 """The running batch: rows left-padded to one timeline, with one KV cache for all of them.
 
-Rows join (extend, re-padding on the left), leave (drop, filled from the end), and can be duplicated or
-reordered (select): the cache rows follow, moved in place (kvcache.py). Every row's next position is tracked, so
-models with absolute or rotary positions see the same positions whatever the padding. The rows' sampling parameters
-are tensors on the device, made once and moved with the rows, not rebuilt each step.
+The batch owns its rows' state: each row's mask over the timeline, its next position and next token, its cache row
+and its sampling parameters. Rows join (extend, re-padding on the left), leave (drop, filled from the end), and can
+be duplicated (n > 1: the copies are new choices) or reordered (beams: the cache rows move, the slots stay), all
+through `select`; the cache rows follow, moved in place (kvcache.py). A decode step opens one mask column in place
+(`open_column`: spare columns are allocated ahead, as the cache's are) and moves the positions on in place, so no
+step allocates the batch's tensors anew. Every row's next position is tracked, so models with absolute or rotary
+positions see the same positions whatever the padding. The rows' sampling parameters are tensors on the device,
+made once and moved with the rows, not rebuilt each step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .kvcache import KVCache
-from .request import Sequence
+from .request import Request, Sequence
+
+SPARE_COLUMNS = 32  # mask columns allocated ahead of the timeline's end
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -63,10 +70,27 @@ class Batch:
     ) -> None:
         self.seqs = seqs
         self.cache = cache
-        self.attention_mask = attention_mask
+        self._set_mask(attention_mask)
         self.positions = positions
         self.next_tokens = next_tokens
         self._params: RowParams | None = None  # made at the first sampling step, then moved with the rows
+
+    def _set_mask(self, mask: torch.Tensor) -> None:
+        """The rows' mask, in a buffer with spare columns on the right for the steps to come."""
+        self._width = mask.shape[1]
+        self._mask = torch.cat([mask, mask.new_zeros((mask.shape[0], SPARE_COLUMNS))], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(rows, width): 1 = a real token, 0 = padding (a view of the buffer)."""
+        return self._mask.narrow(1, 0, self._width)
+
+    def open_column(self) -> None:
+        """Every row feeds a token: the timeline's next column opens, written in place while spare ones last."""
+        if self._width == self._mask.shape[1]:
+            self._set_mask(self.attention_mask)
+        self._mask.narrow(1, self._width, 1).fill_(1)
+        self._width += 1
 
     @property
     def params(self) -> RowParams:
@@ -79,19 +103,20 @@ class Batch:
 
     @property
     def width(self) -> int:
-        return self.attention_mask.shape[1]
+        return self._width
 
     @torch.inference_mode()
-    def select(self, indices: list[int]) -> None:
+    def select(self, indices: list[int], seqs: list[Sequence] | None = None) -> None:
         """Row i takes row indices[i]'s place: keep, repeat or reorder rows. Padding columns that no row needs
-        any more are trimmed."""
+        any more are trimmed. `seqs`: the rows' sequences afterwards, where they are not the moved ones (the
+        copies of a row made for n > 1 are new choices; a beam's slots stay while their content moves)."""
         device = self.attention_mask.device
         idx = torch.tensor(indices, dtype=torch.long, device=device)
-        self.seqs = [self.seqs[i] for i in indices]
+        self.seqs = seqs if seqs is not None else [self.seqs[i] for i in indices]
         mask = self.attention_mask.index_select(0, idx)
         used = mask.any(dim=0).nonzero()
         trim = int(used[0]) if used.numel() else mask.shape[1]
-        self.attention_mask = mask[:, trim:]
+        self._set_mask(mask[:, trim:])
         self.positions = self.positions.index_select(0, idx)
         self.next_tokens = self.next_tokens.index_select(0, idx)
         if self._params is not None:
@@ -129,9 +154,7 @@ class Batch:
     def extend(self, other: Batch) -> None:
         """Join another batch's rows after this one's, padding the shorter timeline on the left."""
         width = max(self.width, other.width)
-        self.attention_mask = torch.cat(
-            [_pad_left(self.attention_mask, width, 1), _pad_left(other.attention_mask, width, 1)]
-        )
+        self._set_mask(torch.cat([_pad_left(self.attention_mask, width, 1), _pad_left(other.attention_mask, width, 1)]))
         for mine, theirs in zip(self.cache.live_layers(), other.cache.live_layers(), strict=True):
             mine.append_rows(theirs, width)
         self.seqs = self.seqs + other.seqs
@@ -139,3 +162,23 @@ class Batch:
         self._params = self._params.cat(other._params) if both else None
         self.positions = torch.cat([self.positions, other.positions])
         self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
+
+
+class Prefill(Batch):
+    """A prompt group's rows (scheduler.PromptGroup) while their prompts are fed in chunks: a batch whose rows are
+    not yet fully computed, left-padded to one width, with a cache of its own. Its mask and next positions are
+    already those of the whole prompts; `ids` and `prompt_positions` are the columns still to feed. Once the last
+    one is in, `computed()` drops what only feeding needed, and its rows join the running batch."""
+
+    def __init__(self, requests: list[Request], ids: torch.Tensor, mask: torch.Tensor, cache: KVCache,
+                 hits: list[Any] | None = None) -> None:
+        lengths = mask.sum(dim=1)
+        super().__init__([r.sequences[0] for r in requests], cache, mask, lengths, torch.zeros_like(lengths))
+        self.requests = requests
+        self.ids: torch.Tensor | None = ids  # (rows, width)
+        self.prompt_positions: torch.Tensor | None = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each token's position
+        self.hits = hits  # per row, its prefix-cache hit (prefix.py), or None: kept there once computed
+
+    def computed(self) -> Batch:
+        self.ids = self.prompt_positions = self.hits = None  # a hit holds cache blocks: let them go with the pool
+        return self

@@ -13,6 +13,8 @@ from .runner import ModelRunner
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH_TOKENS = 131072  # the KV budget where it is not measured on the device (CPU, --device-map)
+PREFIX_SHARE = 8  # by default the prefix cache takes 1/8 of the KV budget's bytes...
+PREFIX_CPU_CAP = 2**30  # ...and on CPU, where the budget is a flag rather than measured memory, at most 1 GiB
 
 
 def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
@@ -22,7 +24,7 @@ def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
     max_model_len = settings.max_model_len or model_len
     if max_model_len > model_len:
         raise ModelLoadError(f"--max-model-len {max_model_len} is longer than the model's context ({model_len})")
-    max_batch_tokens = kv_budget(settings, loaded, max_model_len)
+    max_batch_tokens, prefix_bytes = kv_budget(settings, loaded, max_model_len)
     config = EngineConfig(
         max_model_len=max_model_len,
         max_batch_size=settings.max_batch_size,
@@ -30,6 +32,7 @@ def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
         max_waiting=settings.max_waiting,
         prefill_chunk=settings.prefill_chunk,
         fuse_prefill=settings.fuse_prefill,
+        prefix_cache_bytes=prefix_bytes,
         eos_token_ids=loaded.family.eos_token_ids,
     )
     info = ModelInfo(
@@ -43,10 +46,20 @@ def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
     return Engine(loaded.model, loaded.tokenizer, loaded.device, config), info
 
 
-def kv_budget(settings: Settings, loaded: Loaded, max_model_len: int) -> int:
-    """The KV-cache budget in tokens (rows x longest reserved row). On one CUDA device: what its memory holds after
-    the weights and a dry step at the largest batch, under --gpu-memory-utilization (memory.py). Elsewhere (CPU,
-    --device-map): --max-batch-tokens (131072 by default). --kv-cache-memory lowers either."""
+def prefix_cache_bytes(settings: Settings, kv_bytes: int, measured: bool) -> int:
+    """The prefix cache's pool: --prefix-cache-memory, or a share of the KV budget's bytes; 0 with --no-prefix-cache."""
+    if not settings.prefix_cache:
+        return 0
+    if settings.prefix_cache_memory:
+        return parse_bytes(settings.prefix_cache_memory)
+    return kv_bytes // PREFIX_SHARE if measured else min(kv_bytes // PREFIX_SHARE, PREFIX_CPU_CAP)
+
+
+def kv_budget(settings: Settings, loaded: Loaded, max_model_len: int) -> tuple[int, int]:
+    """The KV-cache budget in tokens (rows x longest reserved row), and the prefix cache's bytes. On one CUDA
+    device: what its memory holds after the weights and a dry step at the largest batch, under
+    --gpu-memory-utilization (memory.py), the prefix cache's share taken out first. Elsewhere (CPU, --device-map):
+    --max-batch-tokens (131072 by default). --kv-cache-memory lowers either."""
     per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
     cap = parse_bytes(settings.kv_cache_memory) if settings.kv_cache_memory else None
     devices = cuda_devices(loaded.model)
@@ -57,6 +70,8 @@ def kv_budget(settings: Settings, loaded: Loaded, max_model_len: int) -> int:
         b = size_from_device(runner, devices[0], settings.gpu_memory_utilization, per_token, settings.max_batch_size,
                              max_model_len, settings.prefill_chunk)
         kv_bytes = b.kv_bytes if cap is None else min(b.kv_bytes, cap)
+        prefix = min(prefix_cache_bytes(settings, kv_bytes, measured=True), kv_bytes)
+        kv_bytes -= prefix
         tokens = token_budget(kv_bytes // per_token, settings.max_batch_size, max_model_len)
         gib = 2**30
         if tokens == 0:
@@ -69,10 +84,10 @@ def kv_budget(settings: Settings, loaded: Loaded, max_model_len: int) -> int:
         if settings.max_batch_tokens:
             tokens = min(tokens, settings.max_batch_tokens)
         log.info("KV cache on %s: %.2f GiB (%.1f GiB x %g, less %.2f GiB for weights and the largest step, %.2f GiB "
-                 "used outside this process) = a budget of %d tokens of %d bytes, spare rows and columns included",
-                 devices[0], kv_bytes / gib, b.total / gib, settings.gpu_memory_utilization, b.peak / gib,
-                 b.other / gib, tokens, per_token)
-        return max(tokens, max_model_len)
+                 "used outside this process, %.2f GiB for the prefix cache) = a budget of %d tokens of %d bytes, "
+                 "spare rows and columns included", devices[0], kv_bytes / gib, b.total / gib,
+                 settings.gpu_memory_utilization, b.peak / gib, b.other / gib, prefix / gib, tokens, per_token)
+        return max(tokens, max_model_len), prefix
     tokens = settings.max_batch_tokens or DEFAULT_BATCH_TOKENS
     if cap is not None:
         tokens = min(tokens, cap // per_token)
@@ -82,4 +97,5 @@ def kv_budget(settings: Settings, loaded: Loaded, max_model_len: int) -> int:
                 f"fewer than one full-length request ({max_model_len}); raise it or lower --max-model-len"
             )
         log.info("KV cache budget: %s = %d tokens of %d bytes", settings.kv_cache_memory, tokens, per_token)
-    return max(tokens, max_model_len)
+    tokens = max(tokens, max_model_len)
+    return tokens, prefix_cache_bytes(settings, tokens * per_token, measured=False)

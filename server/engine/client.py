@@ -30,6 +30,7 @@ class EngineConfig:
     prefill_chunk: int = 64  # prompt tokens fed per step while streams run
     eos_token_ids: tuple[int, ...] = ()  # end tokens besides the model's and tokenizer's (a family's)
     fuse_prefill: bool = True  # decode and prefill chunks in one forward, where the model passes the check
+    prefix_cache_bytes: int = 0  # the prefix cache's pool (prefix.py); 0: no prefix caching
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ class EngineClient(Protocol):
 
     def stalled_for(self) -> float:
         """Seconds the engine has had work without finishing a step (0 when idle or moving)."""
+
+    def prefix_cache_stats(self) -> tuple[int, int, int] | None:
+        """Prompt tokens looked up in the prefix cache, tokens found, bytes the pool holds; None without one."""
 
     def cache_usage(self) -> tuple[int, int, int]:
         """Rows running, the tokens their KV cache spans, and the bytes of KV buffers allocated."""

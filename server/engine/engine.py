@@ -24,6 +24,7 @@ from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarCompiler
 from .memory import cuda_devices
 from .params import InvalidRequest, QueueFullError, SamplingParams
+from .prefix import PrefixCache
 from .request import Request, RequestOutput, Sequence, SeqOutput, TokenLogprob
 from .runner import ModelRunner
 from .scheduler import Scheduler
@@ -63,8 +64,10 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, device: Any, config: EngineConfig) -> None:
         self.tokenizer = tokenizer
         self.config = config
-        self.runner = ModelRunner(model, device, len(tokenizer), config.max_batch_size, config.max_model_len)
-        self.scheduler = Scheduler(config.max_batch_size, config.max_batch_tokens, config.prefill_chunk)
+        prefix = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes else None
+        self.runner = ModelRunner(model, device, len(tokenizer), config.max_batch_size, config.max_model_len, prefix)
+        self.scheduler = Scheduler(config.max_batch_size, config.max_batch_tokens, config.prefill_chunk,
+                                   lookup=prefix.match if prefix is not None else None)
         self.eos_ids = eos_token_ids(model, tokenizer) | set(config.eos_token_ids)
         self.batch: Batch | None = None
         self._cv = threading.Condition()
@@ -114,6 +117,10 @@ class Engine:
         caches = ([batch.cache] if batch is not None else []) + [g.state.cache for g in groups if g.state is not None]
         allocated = sum(c.nbytes for c in caches)
         return (len(batch), len(batch) * batch.width, allocated) if batch is not None else (0, 0, allocated)
+
+    def prefix_cache_stats(self) -> tuple[int, int, int] | None:
+        prefix = self.runner.prefix
+        return None if prefix is None else (prefix.queries, prefix.hits, prefix.nbytes)
 
     def stalled_for(self) -> float:
         """Seconds the engine has had work without finishing a step (0 when idle or moving)."""
@@ -243,6 +250,8 @@ class Engine:
             r.sequences = [self._new_sequence(r, i) for i in range(r.num_rows)]
             if r.params.num_beams > 1:
                 r.beam = BeamSearch(r, self.tokenizer, self.eos_ids)
+            if r.cached_tokens is not None:
+                self.runner.prefix.record(len(r.prompt_ids), r.cached_tokens)
         logits, prefilled = self.runner.execute(plan, self.batch)
         self.scheduler.fed(plan)
         if logits is not None:
@@ -289,9 +298,7 @@ class Engine:
                     tokens[row] = request.beam.group.running[i][-1]
                     # the slot now holds beam i: penalties and min_tokens read its history from here
                     batch.seqs[row].token_ids = list(request.beam.group.running[i])
-            seqs = batch.seqs
-            batch.select(order)
-            batch.seqs = seqs  # rows are beam slots: the slot stays, its content moved
+            batch.select(order, batch.seqs)  # rows are beam slots: the slot stays, its content moved
             batch.next_tokens = batch.next_tokens.new_tensor(tokens)
         self._update(batch, tokens, logprobs)
 
@@ -322,7 +329,8 @@ class Engine:
         for request, outs in outputs.items():
             if request.failed:
                 continue
-            out = RequestOutput(request.request_id, outs, len(request.prompt_ids), request.finished)
+            out = RequestOutput(request.request_id, outs, len(request.prompt_ids), request.finished,
+                                cached_tokens=request.cached_tokens)
             out.prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
             request.emit(out)
 
@@ -347,6 +355,9 @@ class Engine:
             self._requests.pop(r.request_id, None)
         if self.batch is not None:
             gone = [i for i, s in enumerate(self.batch.seqs) if s.finished]
+            if self.runner.prefix is not None:
+                self.runner.remember_rows(self.batch, [i for i in gone if self.batch.seqs[i].request.beam is None
+                                                       and self.batch.seqs[i].finish_reason in ("stop", "length")])
             # a failed row may hold NaN keys: cleared, since masked cache slots must stay finite
             self.batch.clear([i for i in gone if self.batch.seqs[i].finish_reason == "error"])
             if len(gone) == len(self.batch):

@@ -47,6 +47,7 @@ class RequestOutput:
     finished: bool
     error: str | None = None  # set when the engine failed this request
     prompt_logprobs: list[TokenLogprob] | None = None  # with the first output, when asked
+    cached_tokens: int | None = None  # prompt tokens whose keys and values came from the prefix cache (None: off)
 
 
 class Sequence:
@@ -86,6 +87,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob] | None = None  # set by the prefill, sent once
     failed: bool = False  # ended by an error of its own (NaN logits, an exception in its decoding)
     beam: Any = None  # a BeamSearch when params.num_beams > 1; its rows are beam slots, not choices
+    cached_tokens: int | None = None  # set at admission where a prefix cache is on (scheduler.py)
 
     @property
     def num_rows(self) -> int:

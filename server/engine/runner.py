@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import fused
-from .batch import Batch
+from .batch import Batch, Prefill
 from .decoding import apply_processors
 from .kvcache import KVCache
 from .params import SamplingParams
+from .prefix import Hit, PrefixCache
 from .request import Request, Sequence, TokenLogprob
 from .sampling import sample, token_logprobs
 from .scheduler import StepPlan
@@ -31,22 +31,11 @@ def bare_requests(prompts, params: SamplingParams) -> list[Request]:
     return out
 
 
-@dataclass
-class Prefill:
-    """A prompt group's tensors (scheduler.PromptGroup): left-padded to one width, with a cache of their own until
-    they join the running batch."""
-
-    requests: list[Request]
-    ids: torch.Tensor  # (rows, width)
-    mask: torch.Tensor  # (rows, width): 1 = prompt token
-    positions: torch.Tensor  # (rows, width): each token's position in its own prompt
-    cache: KVCache
-
-
 class ModelRunner:
     def __init__(self, model: Any, device: torch.device, vocab_size: int | None = None, max_rows: int | None = None,
-                 max_cols: int | None = None) -> None:
+                 max_cols: int | None = None, prefix: PrefixCache | None = None) -> None:
         self.model = model
+        self.prefix = prefix  # prompts' keys and values kept for later prompts that start the same way
         self.device = device
         self.cache_limits = (max_rows, max_cols)  # what KV buffers may grow to: rows in a batch, tokens in a row
         # Logits past the tokenizer's last id are cut off: a padded vocabulary's extra ids (BLOOMZ has 200) are
@@ -82,24 +71,49 @@ class ModelRunner:
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)[..., : self.vocab_size].float()
 
-    def start_prefill(self, requests: list[Request]) -> Prefill:
-        """Left-pad the prompts to one width (one row per request); `prefill_step` then feeds them in chunks."""
+    def start_prefill(self, requests: list[Request], hits: list[Hit | None] | None = None, start: int = 0) -> Prefill:
+        """Left-pad the prompts to one width (one row per request); `prefill_step` then feeds them in chunks from
+        column `start`, the columns before it copied from each row's prefix-cache hit."""
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.zeros((len(requests), width), dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
         for i, r in enumerate(requests):
             ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids) :] = 1
-        mask = mask.to(self.device)
-        return Prefill(requests, ids.to(self.device), mask, (mask.cumsum(dim=1) - 1).clamp(min=0),
-                       KVCache(width, *self.cache_limits))
+        p = Prefill(requests, ids.to(self.device), mask.to(self.device), KVCache(width, *self.cache_limits), hits)
+        if start:
+            self._copy_cached(p, start)
+        return p
+
+    @torch.inference_mode()
+    def _copy_cached(self, p: Prefill, start: int) -> None:
+        """Fill the cache's columns before `start`: row i's last cached tokens up to there, zeros (masked) before
+        its prompt begins."""
+        width = p.ids.shape[1]
+        counts = [max(0, len(r.prompt_ids) - (width - start)) for r in p.requests]
+        source = next(h for h, n in zip(p.hits, counts, strict=True) if n)
+        for layer in range(len(source.blocks[0].kv)):
+            shape = source.blocks[0].kv[layer].shape  # (2, kv heads, BLOCK, head size)
+            kv = source.blocks[0].kv[layer].new_zeros((2, len(p.requests), shape[1], start, shape[3]))
+            for i, (hit, n) in enumerate(zip(p.hits, counts, strict=True)):
+                if n:
+                    kv[:, i, :, start - n :] = hit.kv(layer, n)
+            p.cache.update(kv[0], kv[1], layer)
+
+    def _remember(self, p: Prefill) -> None:
+        """Keep the prompts' full blocks in the prefix cache (those not kept yet)."""
+        width = p.ids.shape[1]
+        layers = p.cache.live_layers()
+        for i, r in enumerate(p.requests):
+            self.prefix.store(r.prompt_ids, [(layer.keys[i], layer.values[i]) for layer in layers],
+                              width - len(r.prompt_ids))
 
     def execute(self, plan: StepPlan, batch: Batch | None) -> tuple[torch.Tensor | None, list[tuple[Batch, torch.Tensor]]]:
         """Run a step's plan (scheduler.py): the running batch's logits if it decodes, and the batch and logits of
         each prompt group whose last chunk this was."""
         for c in plan.chunks:
             if c.group.state is None:
-                c.group.state = self.start_prefill(c.group.requests)
+                c.group.state = self.start_prefill(c.group.requests, c.group.hits, c.start)
         if plan.fused:
             logits, done = self.fused_step(batch, [(c.group.state, c.start, c.end) for c in plan.chunks])
         else:
@@ -122,7 +136,7 @@ class ModelRunner:
         echo = any(wants)
         width = p.ids.shape[1]
         assert not echo or (start, end) == (0, width), "a prefill with prompt log-probabilities runs whole"
-        ids, mask, positions = p.ids[:, start:end], p.mask[:, :end], p.positions[:, start:end]
+        ids, mask, positions = p.ids[:, start:end], p.attention_mask[:, :end], p.prompt_positions[:, start:end]
         head = None
         if echo and self.trunk is not None:  # the last hidden states of every position
             scores = self.trunk(input_ids=ids, **self._inputs(mask, positions, p.cache)).last_hidden_state
@@ -183,13 +197,13 @@ class ModelRunner:
         (fused.py): the running rows' logits, and per prefill its batch and logits when this chunk was its last,
         else None."""
         rows = len(batch)
-        batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones((rows, 1))], dim=1)
+        batch.open_column()
         groups, ids, positions, keep, spans = [], [batch.next_tokens], [batch.positions], list(range(rows)), []
         for p, start, end in feeds:
             size, first = end - start, sum(t.numel() for t in ids)
-            groups.append(fused.Group(p.cache, len(p.requests), size, fused.prefill_mask(p.mask, start, end)))
+            groups.append(fused.Group(p.cache, len(p.requests), size, fused.prefill_mask(p.attention_mask, start, end)))
             ids.append(p.ids[:, start:end].reshape(-1))
-            positions.append(p.positions[:, start:end].reshape(-1))
+            positions.append(p.prompt_positions[:, start:end].reshape(-1))
             last = end == p.ids.shape[1]
             if last:  # each prompt's last position
                 keep += [first + i * size + size - 1 for i in range(len(p.requests))]
@@ -198,33 +212,41 @@ class ModelRunner:
         logits = fused.forward(self.model, step, torch.cat(ids).unsqueeze(0),
                                torch.cat(positions).unsqueeze(0) if self.takes_positions else None,
                                torch.tensor(keep, device=self.device))[:, : self.vocab_size]
-        batch.positions = batch.positions + 1
+        batch.positions += 1
         done, at = [], rows
         for p, last in spans:
             done.append(self._prefilled(p, logits[at : at + len(p.requests)]) if last else None)
             at += len(p.requests) if last else 0
         return logits[:rows], done
 
+    def remember_rows(self, batch: Batch, rows: list[int]) -> None:
+        """Keep finished rows' prompt and answer in the prefix cache (a chat's next turn starts with them): every
+        token but the last sampled one, which was never fed."""
+        layers = batch.cache.live_layers()
+        for i in rows:
+            seq = batch.seqs[i]
+            ids = seq.request.prompt_ids + seq.token_ids[:-1]
+            self.prefix.store(ids, [(layer.keys[i], layer.values[i]) for layer in layers], batch.width - len(ids))
+
     def _prefilled(self, p: Prefill, logits: torch.Tensor) -> tuple[Batch, torch.Tensor]:
         requests = p.requests
-        lengths = p.mask.sum(dim=1)
-        batch = Batch([r.sequences[0] for r in requests], p.cache, p.mask, lengths, torch.zeros_like(lengths))
+        if self.prefix is not None and p.hits is not None:
+            self._remember(p)  # before rows are duplicated (n > 1)
+        batch = p.computed()
         rows = [i for i, r in enumerate(requests) for _ in r.sequences]
         if len(rows) > len(requests):  # n > 1: every choice starts from its request's prefilled cache row
-            batch.select(rows)
+            batch.select(rows, [s for r in requests for s in r.sequences])
             logits = logits[rows]
-        batch.seqs = [s for r in requests for s in r.sequences]
         return batch, logits
 
     @torch.inference_mode()
     def decode(self, batch: Batch) -> torch.Tensor:
         """Feed every row its next token; return the logits for the token after."""
-        ones = batch.attention_mask.new_ones((len(batch), 1))
-        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
+        batch.open_column()
         logits = self._forward(
             batch.next_tokens.unsqueeze(1), batch.attention_mask, batch.positions.unsqueeze(1), batch.cache
         )
-        batch.positions = batch.positions + 1
+        batch.positions += 1
         return logits
 
     @torch.inference_mode()

@@ -10,11 +10,16 @@ tokens first, within `prefill_chunk` tokens a step while the batch decodes, so l
 while the streams keep getting tokens and short prompts do not wait behind them. With nothing decoding nobody waits:
 the first group is fed whole. Where the runner cannot fuse decode rows and prompt chunks into one forward (`fused`
 false), a step feeds one group, and no new group is admitted while one is being fed.
+
+With a prefix cache (prefix.py), `lookup` gives each admitted prompt its cached start: groups are then formed by
+the tokens left to compute, and a group starts at the first column some row has not cached (`done`), its rows'
+cached columns before it copied in by the runner.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +36,7 @@ class PromptGroup:
     requests: list[Request]
     done: int = 0
     state: Any = None  # the runner's side of it (padded ids, mask, its own KV cache), made at its first chunk
+    hits: list[Any] | None = None  # per request, its prefix-cache hit (None: no cache, or prompt log-probabilities)
 
     @property
     def width(self) -> int:
@@ -61,12 +67,13 @@ class StepPlan:
     fused: bool = False  # decode and chunks in one forward
 
 
-def by_length(requests: list[Request]) -> list[list[Request]]:
-    """Requests in groups of similar prompt length: a group is padded to its longest, so a short prompt is not
-    fed (and kept waiting) as long as a long one."""
+def by_length(requests: list[Request], length: Callable[[Request], int] | None = None) -> list[list[Request]]:
+    """Requests in groups of similar prompt length (or `length`, the tokens each has left to compute): a group is
+    padded to its longest, so a short prompt is not fed (and kept waiting) as long as a long one."""
+    length = length or (lambda r: len(r.prompt_ids))
     groups: list[list[Request]] = []
-    for r in sorted(requests, key=lambda r: len(r.prompt_ids)):
-        if groups and len(r.prompt_ids) <= 2 * len(groups[-1][0].prompt_ids) + 16:
+    for r in sorted(requests, key=length):
+        if groups and length(r) <= 2 * length(groups[-1][0]) + 16:
             groups[-1].append(r)
         else:
             groups.append([r])
@@ -75,11 +82,12 @@ def by_length(requests: list[Request]) -> list[list[Request]]:
 
 class Scheduler:
     def __init__(self, max_batch_size: int, max_batch_tokens: int, prefill_chunk: int = 64,
-                 fused: bool = False) -> None:
+                 fused: bool = False, lookup: Callable[[list[int]], Any] | None = None) -> None:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.prefill_chunk = prefill_chunk
         self.fused = fused  # whether the runner runs decode rows and prompt chunks in one forward
+        self.lookup = lookup  # a prompt's prefix-cache hit (anything with `tokens`: how many are cached), or None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted: being prefilled (in a group) or in the batch
         self.prefilling: list[PromptGroup] = []
@@ -103,12 +111,30 @@ class Scheduler:
         """The next step's plan. `fed(plan)` records it once it has run."""
         self.prefilling = [g for g in self.prefilling if any(r.status is Status.RUNNING for r in g.requests)]
         admitted = self.admit() if self.fused or not self.prefilling else []
-        self.prefilling += [PromptGroup(group) for group in by_length(admitted)]
+        self.prefilling += self._groups(admitted)
         feeding = {r for g in self.prefilling for r in g.requests}
         decode = any(r not in feeding for r in self.running)
         chunks = self._chunks(decode)
         fused = decode and bool(chunks) and self.fused and not any(c.group.echo for c in chunks)
         return StepPlan(admitted, decode, chunks if fused else chunks[:1], fused)
+
+    def _groups(self, admitted: list[Request]) -> list[PromptGroup]:
+        if self.lookup is None:
+            return [PromptGroup(group) for group in by_length(admitted)]
+        hits = {r: self.lookup(r.prompt_ids) for r in admitted if r.params.prompt_logprobs is None}
+
+        def left(r: Request) -> int:
+            return len(r.prompt_ids) - (hits[r].tokens if r in hits else 0)
+
+        groups = []
+        for requests in by_length(admitted, left):
+            g = PromptGroup(requests, hits=[hits.get(r) for r in requests])
+            if not g.echo:  # from the first column a row has not cached; each row's columns before it are copied
+                g.done = g.width - max(left(r) for r in requests)
+            for r in requests:
+                r.cached_tokens = max(0, len(r.prompt_ids) - (g.width - g.done))
+            groups.append(g)
+        return groups
 
     def _chunks(self, decode: bool) -> list[Chunk]:
         order = sorted(self.prefilling, key=lambda g: (g.width - g.done) * len(g.requests))

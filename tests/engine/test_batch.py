@@ -81,9 +81,11 @@ def test_cache_written_in_place_survives_leaves_wider_joins_and_growth(runner):
     batch.next_tokens = logits.argmax(-1)
     firsts = {tuple(p): t for p, t in zip(prompts, logits.argmax(-1).tolist(), strict=True)}
     layer = batch.cache.layers[0]
-    buffer = layer.kbuf
+    buffer, mask, positions = layer.kbuf, batch._mask, batch.positions
     step(runner, batch, 2)
-    assert layer.kbuf is buffer  # two more columns fit: written in place
+    # two more columns fit: the cache, the mask and the positions are written in place, nothing allocated anew
+    assert layer.kbuf is buffer and batch._mask is mask and batch.positions is positions
+    assert batch.attention_mask.sum(dim=1).tolist() == [5] * 6 and batch.positions.tolist() == [5] * 6
     batch.drop([1, 2])
     assert [s.request.prompt_ids for s in batch.seqs] == [prompts[0], prompts[4], prompts[5], prompts[3]]
     wide = [[20 + i for i in range(12)], [40, 41]]
@@ -95,6 +97,7 @@ def test_cache_written_in_place_survives_leaves_wider_joins_and_growth(runner):
     steps = 40  # past the 32 spare columns
     out = step(runner, batch, steps)
     assert layer.kbuf is not buffer and layer.width == batch.width
+    assert batch.attention_mask.shape == (6, 12 + steps) and batch.attention_mask[:, -steps:].all()
     done = {tuple(p): 2 + steps for p in prompts} | {tuple(p): steps for p in wide}
     for row, seq in enumerate(batch.seqs):
         ids = seq.request.prompt_ids

@@ -113,13 +113,20 @@ def test_start_up_sizes_the_kv_cache_from_the_device_and_refuses_one_too_small(g
     monkeypatch.setattr(build_module, "cuda_devices", lambda model: [torch.device("cuda:0")])
     device = FakeDevice(total=10 * GiB, other=0, weights=0)
     device.install(monkeypatch)
-    settings = Settings(max_batch_size=8, gpu_memory_utilization=0.9, prefill_chunk=16)
+    settings = Settings(max_batch_size=8, gpu_memory_utilization=0.9, prefill_chunk=16, prefix_cache=False)
     # room for only 3,000 tokens of KV under the utilization: less than the budget 8 x 256 rows would want
     device.weights = int(10 * GiB * 0.9) - 3000 * per_token
-    budget = build_module.kv_budget(settings, _loaded(gpt2, tokenizer), 256)
-    assert budget == memory.token_budget(3000, 8, 256) and 256 <= budget < 8 * 256
+    budget, prefix = build_module.kv_budget(settings, _loaded(gpt2, tokenizer), 256)
+    assert budget == memory.token_budget(3000, 8, 256) and 256 <= budget < 8 * 256 and prefix == 0
     assert build_module.kv_budget(dataclasses.replace(settings, max_batch_tokens=300), _loaded(gpt2, tokenizer),
-                                256) == 300  # an explicit budget still lowers it
+                                  256)[0] == 300  # an explicit budget still lowers it
+    # the prefix cache's default share (1/8) comes out of the same bytes; an explicit size replaces it
+    budget, prefix = build_module.kv_budget(dataclasses.replace(settings, prefix_cache=True), _loaded(gpt2, tokenizer),
+                                            256)
+    assert prefix == 3000 * per_token // 8 and budget == memory.token_budget((3000 * per_token - prefix) // per_token,
+                                                                             8, 256)
+    assert build_module.kv_budget(dataclasses.replace(settings, prefix_cache=True, prefix_cache_memory="64KiB"),
+                                  _loaded(gpt2, tokenizer), 256)[1] == 65536
     device.weights = int(10 * GiB * 0.9) - 100 * per_token
     with pytest.raises(ModelLoadError, match="less than one full-length row of 256 tokens"):
         build_module.kv_budget(settings, _loaded(gpt2, tokenizer), 256)
@@ -128,8 +135,11 @@ def test_start_up_sizes_the_kv_cache_from_the_device_and_refuses_one_too_small(g
 
 
 def test_cpu_budget_stays_the_flag(gpt2, tokenizer):
-    assert build_module.kv_budget(Settings(), _loaded(gpt2, tokenizer), 256) == 131072
-    assert build_module.kv_budget(Settings(max_batch_tokens=5000), _loaded(gpt2, tokenizer), 256) == 5000
+    per_token = kv_bytes_per_token(gpt2.config, torch.float32)
+    assert build_module.kv_budget(Settings(), _loaded(gpt2, tokenizer), 256) == (131072, 131072 * per_token // 8)
+    assert build_module.kv_budget(Settings(max_batch_tokens=5000), _loaded(gpt2, tokenizer), 256)[0] == 5000
+    assert build_module.kv_budget(Settings(max_batch_tokens=10**8), _loaded(gpt2, tokenizer), 256)[1] == 2**30
+    assert build_module.kv_budget(Settings(prefix_cache=False), _loaded(gpt2, tokenizer), 256)[1] == 0
 
 
 def test_metrics_show_device_memory(monkeypatch):
@@ -141,6 +151,9 @@ def test_metrics_show_device_memory(monkeypatch):
 
         def cache_usage(self):
             return 0, 0, 0
+
+        def prefix_cache_stats(self):
+            return None
 
     text = Metrics(Idle(), [torch.device("cuda:0")]).render().decode()
     samples = {(s.name, s.labels.get("device")): s.value

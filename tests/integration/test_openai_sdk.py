@@ -77,6 +77,9 @@ def test_chat_and_chat_stream(client, validate):
         assert "".join(ch.delta.content or "" for ch in mine) == full.choices[0].message.content
         assert mine[-1].finish_reason == "length" and all(ch.finish_reason is None for ch in mine[:-1])
     assert stream[-1].choices == [] and stream[-1].usage.completion_tokens == 30
+    # the second call's prompt is the first's: its full blocks of 16 tokens come from the prefix cache
+    assert full.usage.prompt_tokens >= 33
+    assert stream[-1].usage.prompt_tokens_details.cached_tokens >= 32
 
 
 def test_raw_sse_framing(tiny_server):
