@@ -8,6 +8,8 @@
 
 Targets (each started on a free port, one at a time, with the same weights):
 - ours: `python -m server` (this repository);
+- base: the same command in another checkout of this server (`--base-tree DIR`, e.g. a `git worktree` of an older
+  commit), with this environment's Python: old and new code side by side in one run;
 - transformers: `transformers serve --continuous-batching`, on the Hugging Face directory converted from the GGUF,
   in the dtype this server chose (run "ours" first, as the default order does);
 - llama: llama.cpp's `llama-server` on the GGUF file itself, restarted for each concurrency with that many slots
@@ -34,6 +36,11 @@ On a GPU (--device cuda, the default where one is present) every target and base
 device-to-device copy, and the server's device memory read from its /metrics. --model takes a GGUF file or a
 Hugging Face folder; --random-model SHAPE builds (once) a folder of PolyLM's shape with random bf16 weights and a
 256,000-id word-level tokenizer, for GPUs where the real weights are not at hand (llama.cpp needs a GGUF: skipped).
+
+Unless --prefix-targets is empty: the prefix cache, with it and with --no-prefix-cache: 8 chats sent at once that
+share a 1,000-token system prompt (one chat with it sent first, as a server in use has seen it before), and one
+chat of 10 turns, each turn's prompt its earlier turns and a new question; time to first token and the prompt
+tokens computed (prompt tokens less `usage.prompt_tokens_details.cached_tokens`).
 
 Writes bench/results/NAME.json, NAME.md (the table) and NAME.png (tokens/s and p99 inter-token latency against
 clients; needs matplotlib: pip install -e .[bench]); NAME is `latest` unless --name says otherwise.
@@ -94,14 +101,15 @@ def peak_rss_mib(pid: int) -> float | None:
 class Server:
     """A server process on a free port; `model` is the id its requests must name."""
 
-    def __init__(self, name: str, cmd: list[str], model: str, ignore_eos: bool, ready: str = "/health") -> None:
+    def __init__(self, name: str, cmd: list[str], model: str, ignore_eos: bool, ready: str = "/health",
+                 cwd: Path = ROOT) -> None:
         self.name, self.model, self.ignore_eos = name, model, ignore_eos
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [c.replace("{port}", str(self.port)) for c in cmd]
         (OUT / "logs").mkdir(parents=True, exist_ok=True)
         self.log = open(OUT / "logs" / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -149,16 +157,16 @@ def llama_binary(given: str | None) -> str | None:
 
 
 def start_target(name: str, args: argparse.Namespace, hf_dir: Path, gguf: Path, clients: int,
-                 dtype: str = "float32") -> Server:
+                 dtype: str = "float32", extra: tuple[str, ...] = ()) -> Server:
     cores = str(os.cpu_count() or 2)
-    if name == "ours":
+    if name in ("ours", "base"):
         cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "{port}", "--served-model-name", "bench",
-               "--max-batch-size", str(max(64, clients)), *args.ours_args.split()]
+               "--max-batch-size", str(max(64, clients)), *args.ours_args.split(), *extra]
         if args.model:
             cmd += ["--model", args.model]
         if args.device != "auto":
             cmd += ["--device", args.device]
-        return Server("ours", cmd, "bench", ignore_eos=True)
+        return Server(name, cmd, "bench", ignore_eos=True, cwd=ROOT if name == "ours" else Path(args.base_tree))
     if name == "transformers":
         exe = str(Path(sys.executable).with_name("transformers"))
         cmd = [exe, "serve", "--continuous-batching", "--dtype", dtype, "--host", "127.0.0.1", "--port", "{port}",
@@ -173,14 +181,16 @@ def start_target(name: str, args: argparse.Namespace, hf_dir: Path, gguf: Path, 
 
 
 # -- clients --------------------------------------------------------------------------------------------------
-async def stream_chat(client: httpx.AsyncClient, server: Server, content: str, max_tokens: int,
+async def stream_chat(client: httpx.AsyncClient, server: Server, content: str | list[dict], max_tokens: int,
                       extra: dict | None = None) -> dict:
-    body = {"model": server.model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+    """One streamed chat: `content` is the user's message, or the whole list of messages."""
+    messages = [{"role": "user", "content": content}] if isinstance(content, str) else content
+    body = {"model": server.model, "messages": messages, "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     if server.ignore_eos:
         body["ignore_eos"] = True
     start = time.perf_counter()
-    stamps, usage = [], None
+    stamps, usage, text, computed = [], None, [], None
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -189,10 +199,14 @@ async def stream_chat(client: httpx.AsyncClient, server: Server, content: str, m
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 usage = chunk["usage"]["completion_tokens"]
+                cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                computed = chunk["usage"]["prompt_tokens"] - cached
             if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
                 stamps.append(time.perf_counter())
+                text.append(chunk["choices"][0]["delta"]["content"])
     return {"ttft": stamps[0] - start if stamps else float("nan"), "gaps": [b - a for a, b in zip(stamps, stamps[1:])],
-            "tokens": usage if usage is not None else len(stamps), "end": time.perf_counter()}
+            "tokens": usage if usage is not None else len(stamps), "end": time.perf_counter(), "text": "".join(text),
+            "prompt_computed": computed}
 
 
 def summarize(results: list[dict], wall: float) -> dict:
@@ -265,6 +279,40 @@ async def run_mixed(server: Server, tokenizer, seconds: float, streams: int) -> 
     result["long_ttft_p50_ms"] = round(1000 * pct([r["ttft"] for r in long], 0.5))
     result["long_ttft_max_ms"] = round(1000 * max((r["ttft"] for r in long), default=float("nan")))
     return result
+
+
+QUESTIONS = ["What is the capital of France?", "Translate 'good morning' into German.", "Name three primes.",
+             "Why is the sky blue?", "Summarize the text in one sentence.", "Who wrote Hamlet?",
+             "What is 12 times 12?", "Give a synonym for happy."]
+
+
+async def run_prefix(server: Server, tokenizer) -> dict:
+    """The prefix cache's two cases: 8 chats at once sharing a 1,000-token system prompt (seen once before), and a
+    chat of 10 turns. Time to first token, and prompt tokens computed (not taken from the cache)."""
+    ids = tokenizer((" ".join(prompts(8)) + " ") * 40)["input_ids"]
+    system = "You are a helpful assistant. Background: " + tokenizer.decode(ids[:990])
+    greedy = {"ignore_eos": False}  # answers end where the model ends them, as a real chat's do
+    async with httpx.AsyncClient(base_url=server.url, timeout=1800,
+                                 limits=httpx.Limits(max_connections=16)) as client:
+        await stream_chat(client, server, "Warm up.", 4)
+
+        def chat(question: str) -> list[dict]:
+            return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+        seen = await stream_chat(client, server, chat("Hello!"), 16, greedy)
+        shared = await asyncio.gather(*[stream_chat(client, server, chat(q), 16, greedy) for q in QUESTIONS])
+        messages, turns = [{"role": "system", "content": "You are a helpful assistant."}], []
+        for t in range(10):
+            messages.append({"role": "user", "content": QUESTIONS[t % len(QUESTIONS)]})
+            turns.append(await stream_chat(client, server, messages, 48, greedy))
+            messages.append({"role": "assistant", "content": turns[-1]["text"]})
+    return {"shared_prompt": {"first_ttft_ms": round(1000 * seen["ttft"]),
+                              "ttft_p50_ms": round(1000 * pct([r["ttft"] for r in shared], 0.5)),
+                              "ttft_max_ms": round(1000 * max(r["ttft"] for r in shared)),
+                              "prompt_tokens_computed": sum(r["prompt_computed"] for r in shared)},
+            "ten_turns": {"ttft_ms": [round(1000 * r["ttft"]) for r in turns],
+                          "ttft_sum_ms": round(1000 * sum(r["ttft"] for r in turns)),
+                          "prompt_tokens_computed": sum(r["prompt_computed"] for r in turns)}}
 
 
 # -- in-process baselines -------------------------------------------------------------------------------------
@@ -489,6 +537,9 @@ def main() -> None:
     ap.add_argument("--llama-server", help="path of llama.cpp's llama-server")
     ap.add_argument("--name", default="latest", help="results go to bench/results/NAME.json, .md and .png")
     ap.add_argument("--ours-args", default="", help="extra flags for this server, e.g. '--dtype bfloat16'")
+    ap.add_argument("--base-tree", help="another checkout of this server, run as the target 'base' beside 'ours'")
+    ap.add_argument("--prefix-targets", default="ours", help="targets of the prefix-cache runs (with the cache and "
+                    "with --no-prefix-cache): ours, base, or both; empty: skip")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     import torch
@@ -506,6 +557,9 @@ def main() -> None:
         gguf = Path(args.model) if args.model else default_gguf()
         hf_dir = gguf_to_hf_dir(gguf)
     targets = args.targets.split(",")
+    if "base" in targets and not args.base_tree:
+        print("the target 'base' needs --base-tree DIR: skipping base", file=sys.stderr)
+        targets.remove("base")
     if "llama" in targets and gguf is None:
         print("llama.cpp serves GGUF files, and --model is a folder: skipping llama", file=sys.stderr)
         targets.remove("llama")
@@ -529,7 +583,7 @@ def main() -> None:
                     if server:
                         server.stop()
                     server = start_target(target, args, hf_dir, gguf, c, dtype)
-                    if target == "ours":
+                    if target in ("ours", "base"):
                         dtype = httpx.get(server.url + "/v1/models").json()["data"][0]["dtype"]
                 try:
                     row = asyncio.run(run_level(server, c, args.rounds, n))
@@ -539,7 +593,7 @@ def main() -> None:
                     server.stop()
                     server = None
                 row.update(target=target, max_tokens=n, clients=c, peak_mib=server.peak_mib() if server else None,
-                           device_mib=server.device_mib() if server and target == "ours" else None)
+                           device_mib=server.device_mib() if server and target in ("ours", "base") else None)
                 print(json.dumps(row), file=sys.stderr)
                 result["runs"].append(row)
                 (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")  # so far
@@ -587,6 +641,14 @@ def main() -> None:
             finally:
                 server.stop()
             print(target, json.dumps(result["mixed"][target]), file=sys.stderr)
+    for target in [t for t in args.prefix_targets.split(",") if t in targets]:
+        for mode, flags in (("cache", ()), ("no_cache", ("--no-prefix-cache",))):
+            server = start_target(target, args, hf_dir, gguf, 16, extra=flags)
+            try:
+                result.setdefault("prefix", {})[f"{target}, {mode}"] = asyncio.run(run_prefix(server, tok))
+            finally:
+                server.stop()
+            print(target, mode, json.dumps(result["prefix"][f"{target}, {mode}"]), file=sys.stderr)
     if "beams" in result:
         import torch
 
@@ -609,7 +671,8 @@ def main() -> None:
     (OUT / f"{args.name}.md").write_text(table(result) + "\n")
     plot(result, OUT / f"{args.name}.png")
     print(table(result))
-    print(json.dumps({k: result[k] for k in ("ceiling", "mixed", "beams", "structured") if k in result}, indent=1))
+    print(json.dumps({k: result[k] for k in ("ceiling", "mixed", "beams", "structured", "prefix") if k in result},
+                     indent=1))
 
 
 if __name__ == "__main__":
