@@ -178,6 +178,15 @@ def default_server(start_server) -> ServerProcess:
     return start_server()
 
 
+@pytest.fixture(scope="session")
+def fp32_server(start_server, default_server) -> ServerProcess:
+    """The default model in fp32: the default server where it runs fp32, else one started so. In bf16 (the default on
+    CPUs with native bf16) a matrix product's rounding depends on the batch's shape, so a greedy answer may change
+    with what runs beside it, as in any bf16 server; tests of answers that must not change use this one."""
+    served = httpx.get(default_server.url + "/v1/models").json()["data"][0]["dtype"]
+    return default_server if served == "float32" else start_server("--dtype", "float32")
+
+
 def _nullable_to_anyof(node):
     """The spec mixes OpenAPI 3.0 `nullable: true` into 3.1 schemas; JSON Schema needs it as a union with null."""
     if isinstance(node, list):

@@ -24,7 +24,7 @@ from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarCompiler
 from .memory import cuda_devices
 from .params import InvalidRequest, QueueFullError, SamplingParams
-from .prefix import PrefixCache
+from .prefix import BLOCK, PrefixCache
 from .request import Request, RequestOutput, Sequence, SeqOutput, TokenLogprob
 from .runner import ModelRunner
 from .scheduler import Scheduler
@@ -67,7 +67,7 @@ class Engine:
         prefix = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes else None
         self.runner = ModelRunner(model, device, len(tokenizer), config.max_batch_size, config.max_model_len, prefix)
         self.scheduler = Scheduler(config.max_batch_size, config.max_batch_tokens, config.prefill_chunk,
-                                   lookup=prefix.match if prefix is not None else None)
+                                   lookup=prefix.match if prefix is not None else None, block=BLOCK)
         self.eos_ids = eos_token_ids(model, tokenizer) | set(config.eos_token_ids)
         self.batch: Batch | None = None
         self._cv = threading.Condition()
@@ -246,12 +246,7 @@ class Engine:
         prompt groups get their next chunks, in one forward where the model allows (fused.py); groups whose last
         chunk is in join the batch."""
         plan = self.scheduler.schedule()
-        for r in plan.admitted:
-            r.sequences = [self._new_sequence(r, i) for i in range(r.num_rows)]
-            if r.params.num_beams > 1:
-                r.beam = BeamSearch(r, self.tokenizer, self.eos_ids)
-            if r.cached_tokens is not None:
-                self.runner.prefix.record(len(r.prompt_ids), r.cached_tokens)
+        self._start(plan.admitted)
         logits, prefilled = self.runner.execute(plan, self.batch)
         self.scheduler.fed(plan)
         if logits is not None:
@@ -260,6 +255,15 @@ class Engine:
         for batch, first_logits in prefilled:
             self._join(batch, first_logits)
         self._evict_finished()
+
+    def _start(self, admitted: list[Request]) -> None:
+        """Admitted requests' rows: a sequence per choice (or beam slot), a beam search where asked."""
+        for r in admitted:
+            r.sequences = [self._new_sequence(r, i) for i in range(r.num_rows)]
+            if r.params.num_beams > 1:
+                r.beam = BeamSearch(r, self.tokenizer, self.eos_ids)
+            if r.cached_tokens is not None:
+                self.runner.prefix.record(len(r.prompt_ids), r.cached_tokens)
 
     def _join(self, batch: Batch, logits) -> None:
         live = [i for i, s in enumerate(batch.seqs) if not s.finished]  # aborted while prefilling

@@ -13,7 +13,10 @@ false), a step feeds one group, and no new group is admitted while one is being 
 
 With a prefix cache (prefix.py), `lookup` gives each admitted prompt its cached start: groups are then formed by
 the tokens left to compute, and a group starts at the first column some row has not cached (`done`), its rows'
-cached columns before it copied in by the runner.
+cached columns before it copied in by the runner. A prompt's last partial block (the tokens after its last full
+one) is fed in a chunk of its own (`cut`): the same prompt sent again finds every full block cached and computes
+just that chunk, exactly as the first one did, so that repeating a request repeats its answer in bf16 too (where a
+token's numbers depend on how many tokens are computed with it).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class PromptGroup:
     done: int = 0
     state: Any = None  # the runner's side of it (padded ids, mask, its own KV cache), made at its first chunk
     hits: list[Any] | None = None  # per request, its prefix-cache hit (None: no cache, or prompt log-probabilities)
+    cut: int = 0  # no chunk runs across this column: where the prompts' last partial blocks start (0: none)
 
     @property
     def width(self) -> int:
@@ -82,12 +86,13 @@ def by_length(requests: list[Request], length: Callable[[Request], int] | None =
 
 class Scheduler:
     def __init__(self, max_batch_size: int, max_batch_tokens: int, prefill_chunk: int = 64,
-                 fused: bool = False, lookup: Callable[[list[int]], Any] | None = None) -> None:
+                 fused: bool = False, lookup: Callable[[list[int]], Any] | None = None, block: int = 16) -> None:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.prefill_chunk = prefill_chunk
         self.fused = fused  # whether the runner runs decode rows and prompt chunks in one forward
         self.lookup = lookup  # a prompt's prefix-cache hit (anything with `tokens`: how many are cached), or None
+        self.block = block  # the prefix cache's block, in tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted: being prefilled (in a group) or in the batch
         self.prefilling: list[PromptGroup] = []
@@ -131,6 +136,8 @@ class Scheduler:
             g = PromptGroup(requests, hits=[hits.get(r) for r in requests])
             if not g.echo:  # from the first column a row has not cached; each row's columns before it are copied
                 g.done = g.width - max(left(r) for r in requests)
+                g.cut = max(g.width - len(r.prompt_ids) + (len(r.prompt_ids) - 1) // self.block * self.block
+                            for r in requests)
             for r in requests:
                 r.cached_tokens = max(0, len(r.prompt_ids) - (g.width - g.done))
             groups.append(g)
@@ -138,15 +145,19 @@ class Scheduler:
 
     def _chunks(self, decode: bool) -> list[Chunk]:
         order = sorted(self.prefilling, key=lambda g: (g.width - g.done) * len(g.requests))
-        if not decode:  # nobody waits: the first group whole
-            return [Chunk(g, g.done, g.width) for g in order[:1]]
+
+        def chunk(g: PromptGroup, end: int) -> Chunk:
+            return Chunk(g, g.done, g.cut if g.done < g.cut < end else end)
+
+        if not decode:  # nobody waits: the first group whole (up to its cut)
+            return [chunk(g, g.width) for g in order[:1]]
         chunks, budget = [], self.prefill_chunk
         for g in order:
             rows, left = len(g.requests), g.width - g.done
             # a chunk deep into a long prompt also attends to everything before it: fewer tokens per step there
             size = left if g.echo else min(left, max(MIN_CHUNK, budget // rows // (1 + g.done // ATTENTION_DEPTH)))
-            chunks.append(Chunk(g, g.done, g.done + size))
-            budget -= size * rows
+            chunks.append(chunk(g, g.done + size))
+            budget -= (chunks[-1].end - g.done) * rows
             if budget <= 0:
                 break
         return chunks

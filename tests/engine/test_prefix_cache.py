@@ -86,8 +86,54 @@ def test_groups_are_formed_by_the_tokens_left_to_compute_and_start_where_a_row_h
     assert set(g.requests) == {r40, r45, r70, r12} and g.width == 70 and g.done == 57
     assert (r70.cached_tokens, r45.cached_tokens, r40.cached_tokens, r12.cached_tokens) == (57, 32, 27, 0)
     e = next(g for g in s.prefilling if echo in g.requests)  # prompt log-probabilities need every position
-    assert e.done == 0 and echo.cached_tokens == 0 and e.hits == [None]
-    assert plan.chunks[0].start in (0, 57)
+    assert e.done == 0 and echo.cached_tokens == 0 and e.hits == [None] and e.cut == 0
+    # r70's last full block ends at column 64: the 6 columns after it are fed in a chunk of their own
+    assert g.cut == 64
+    assert [(c.group, c.start, c.end) for c in plan.chunks] == [(e, 0, 40)]  # fewer tokens left: the echo, whole
+    s.fed(plan)
+    for span in ((57, 64), (64, 70)):
+        plan = s.schedule()
+        assert [(c.group, c.start, c.end) for c in plan.chunks] == [(g, *span)]
+        s.fed(plan)
+    assert not s.prefilling
+
+
+def test_a_prompt_sent_again_repeats_its_answer_in_bf16(tokenizer, default_model_dir):
+    """In bf16 a token's numbers depend on how many tokens are computed with it. The same prompt sent again finds
+    its full blocks cached and computes only its last partial block, which the first one computed in a chunk of
+    its own: the same log-probabilities to the last bit, so the same answer. (A chat's first run starts after the
+    system prompt's cached block; fed as one chunk, "Name three colours." gave another 5th token on the next run.)"""
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.bfloat16).eval()
+    engine = Engine(model, tokenizer, torch.device("cpu"),
+                    EngineConfig(max_model_len=400, max_batch_size=8, prefix_cache_bytes=2**26))
+    engine.start()
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=2)
+
+    async def run(ids, rid):
+        out, cached = [], None
+        async for o in engine.generate(ids, params, rid):
+            cached = o.cached_tokens if cached is None else cached
+            out += [(t, lp.logprob, lp.top) for c in o.outputs for t, lp in zip(c.token_ids, c.logprobs, strict=True)]
+        return out, cached
+
+    async def scenario():
+        results = []
+        for n, text in enumerate(["Translate to Chinese: Beijing is the capital of China.", "Name three colours.",
+                                  "Write a greeting in Japanese.", "Fill in the card: a city, a name and a number."]):
+            chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                 tokenize=False)
+            ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
+            results.append((len(ids), await run(ids, f"a{n}"), await run(ids, f"b{n}")))
+        return results
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    for length, (first, cached_first), (again, cached_again) in results:
+        assert cached_again == (length - 1) // BLOCK * BLOCK > 0
+        assert again == first
+    assert any(cached_first for _, (_, cached_first), _ in results)  # chats after the first share its first block
 
 
 @pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_gpt2_dir", "tiny_bloom_dir"])

@@ -35,11 +35,8 @@ PROMPTS = [
 ]
 
 
-def test_greedy_output_does_not_depend_on_batching(start_server, default_server):
-    # In fp32. In bf16 (the default for this model on CPUs with native bf16) a matrix product's rounding depends
-    # on the batch shape, so a greedy answer may change with what runs beside it, as in any bf16 server.
-    served = httpx.get(default_server.url + "/v1/models").json()["data"][0]["dtype"]
-    server = default_server if served == "float32" else start_server("--dtype", "float32")
+def test_greedy_output_does_not_depend_on_batching(fp32_server):
+    server = fp32_server  # in bf16 a greedy answer may change with what runs beside it (conftest.fp32_server)
 
     async def scenario():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:

@@ -65,8 +65,10 @@ def test_sdk_parse_with_a_pydantic_model(client):
         assert isinstance(r.choices[0].message.parsed, City), r.choices[0].message.content
 
 
-def test_sampled_answers_follow_a_multiscript_schema(default_server, validate):
-    """Temperature 1, two seeds x n=2, one unseeded: every answer is valid, in Chinese, Thai and Arabic keys."""
+def test_sampled_answers_follow_a_multiscript_schema(fp32_server, validate):
+    """Temperature 1, two seeds x n=2, one unseeded: every answer is valid, in Chinese, Thai and Arabic keys; a
+    seeded request sent again alone gives the same answers (in fp32: conftest.fp32_server)."""
+    default_server = fp32_server
     fmt = {"type": "json_schema", "json_schema": {"name": "card", "schema": MULTISCRIPT_SCHEMA, "strict": True}}
     messages = [{"role": "user", "content": "Fill in the card."}]
     bodies = [{"seed": s, "n": 2} for s in (1, 2)] + [{}]
@@ -108,9 +110,10 @@ def test_json_object_choice_regex_and_vllm_fields(default_server, validate):
     assert lark["text"] in (" yes", " no")
 
 
-def test_free_rows_are_unchanged_by_constrained_neighbours(default_server, validate):
-    """A free greedy row gives the same text alone and beside constrained rows; a constrained stream keeps its
-    log-probabilities finite (only allowed tokens), and a stop string still ends it."""
+def test_free_rows_are_unchanged_by_constrained_neighbours(fp32_server, validate):
+    """A free greedy row gives the same text alone and beside constrained rows (in fp32: conftest.fp32_server); a
+    constrained stream keeps its log-probabilities finite (only allowed tokens), and a stop string still ends it."""
+    default_server = fp32_server
     free = {"messages": [{"role": "user", "content": "Name three colours."}], "temperature": 0, "max_tokens": 24}
     alone = chat(default_server, **free)["choices"][0]["message"]["content"]
     fmt = {"type": "json_schema", "json_schema": {"name": "card", "schema": MULTISCRIPT_SCHEMA}}
