@@ -67,7 +67,8 @@ class Engine:
         prefix = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes else None
         self.runner = ModelRunner(model, device, len(tokenizer), config.max_batch_size, config.max_model_len, prefix)
         self.scheduler = Scheduler(config.max_batch_size, config.max_batch_tokens, config.prefill_chunk,
-                                   lookup=prefix.match if prefix is not None else None, block=BLOCK)
+                                   lookup=prefix.match if prefix is not None else None,
+                                   cut_block=BLOCK if _weights_dtype(model) in (torch.bfloat16, torch.float16) else 0)
         self.eos_ids = eos_token_ids(model, tokenizer) | set(config.eos_token_ids)
         self.batch: Batch | None = None
         self._cv = threading.Condition()
@@ -385,6 +386,10 @@ class Engine:
             self._requests.pop(r.request_id, None)
         self.batch = None
         self.scheduler.prefilling = []
+
+
+def _weights_dtype(model: Any) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:

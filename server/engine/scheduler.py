@@ -13,10 +13,11 @@ false), a step feeds one group, and no new group is admitted while one is being 
 
 With a prefix cache (prefix.py), `lookup` gives each admitted prompt its cached start: groups are then formed by
 the tokens left to compute, and a group starts at the first column some row has not cached (`done`), its rows'
-cached columns before it copied in by the runner. A prompt's last partial block (the tokens after its last full
-one) is fed in a chunk of its own (`cut`): the same prompt sent again finds every full block cached and computes
-just that chunk, exactly as the first one did, so that repeating a request repeats its answer in bf16 too (where a
-token's numbers depend on how many tokens are computed with it).
+cached columns before it copied in by the runner. With 16-bit weights (`cut_block`), a prompt's last partial block
+(the tokens after its last full one) is fed in a chunk of its own (`cut`): the same prompt sent again finds every
+full block cached and computes just that chunk, exactly as the first one did, so that repeating a request repeats
+its answer in bf16 too, where a token's numbers depend on how many tokens are computed with it. (In fp32 they
+differ by rounding alone, about 1e-5, and the extra chunk is not worth its forward.)
 """
 
 from __future__ import annotations
@@ -86,13 +87,13 @@ def by_length(requests: list[Request], length: Callable[[Request], int] | None =
 
 class Scheduler:
     def __init__(self, max_batch_size: int, max_batch_tokens: int, prefill_chunk: int = 64,
-                 fused: bool = False, lookup: Callable[[list[int]], Any] | None = None, block: int = 16) -> None:
+                 fused: bool = False, lookup: Callable[[list[int]], Any] | None = None, cut_block: int = 0) -> None:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.prefill_chunk = prefill_chunk
         self.fused = fused  # whether the runner runs decode rows and prompt chunks in one forward
         self.lookup = lookup  # a prompt's prefix-cache hit (anything with `tokens`: how many are cached), or None
-        self.block = block  # the prefix cache's block, in tokens
+        self.cut_block = cut_block  # the prefix cache's block (tokens), where prompts' last partial blocks are cut
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted: being prefilled (in a group) or in the batch
         self.prefilling: list[PromptGroup] = []
@@ -136,8 +137,9 @@ class Scheduler:
             g = PromptGroup(requests, hits=[hits.get(r) for r in requests])
             if not g.echo:  # from the first column a row has not cached; each row's columns before it are copied
                 g.done = g.width - max(left(r) for r in requests)
-                g.cut = max(g.width - len(r.prompt_ids) + (len(r.prompt_ids) - 1) // self.block * self.block
-                            for r in requests)
+                if self.cut_block:
+                    g.cut = max(g.width - len(r.prompt_ids) + (len(r.prompt_ids) - 1) // self.cut_block * self.cut_block
+                                for r in requests)
             for r in requests:
                 r.cached_tokens = max(0, len(r.prompt_ids) - (g.width - g.done))
             groups.append(g)

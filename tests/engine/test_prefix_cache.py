@@ -76,7 +76,7 @@ def test_groups_are_formed_by_the_tokens_left_to_compute_and_start_where_a_row_h
         params = SamplingParams(max_tokens=4, prompt_logprobs=0 if echo else None)
         return Request(f"r{length}{echo}", list(range(length)), params, emit=lambda _: None)
 
-    s = Scheduler(16, 10**6, lookup=lambda ids: SimpleNamespace(tokens=cached[len(ids)]))
+    s = Scheduler(16, 10**6, lookup=lambda ids: SimpleNamespace(tokens=cached[len(ids)]), cut_block=BLOCK)
     r40, r45, r70, r12, echo = request(40), request(45), request(70), request(12), request(40, echo=True)
     for r in (r40, r45, r70, r12, echo):
         s.add(r)
