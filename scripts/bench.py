@@ -40,7 +40,9 @@ Hugging Face folder; --random-model SHAPE builds (once) a folder of PolyLM's sha
 Unless --prefix-targets is empty: the prefix cache, with it and with --no-prefix-cache: 8 chats sent at once that
 share a 1,000-token system prompt (one chat with it sent first, as a server in use has seen it before), and one
 chat of 10 turns, each turn's prompt its earlier turns and a new question; time to first token and the prompt
-tokens computed (prompt tokens less `usage.prompt_tokens_details.cached_tokens`).
+tokens computed (prompt tokens less `usage.prompt_tokens_details.cached_tokens`). And unless --step-rows 0: the
+engine's decode step at 32 rows in process (ours, and the --base-tree's): the tensor calls per step that wait for
+the device, from the engine's code and from the model's, and the median step time.
 
 Writes bench/results/NAME.json, NAME.md (the table) and NAME.png (tokens/s and p99 inter-token latency against
 clients; needs matplotlib: pip install -e .[bench]); NAME is `latest` unless --name says otherwise.
@@ -371,6 +373,87 @@ def generate_baselines(tok, model, clients: list[int], max_tokens: int) -> dict:
     return out
 
 
+WAITS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "cpu", "numpy")  # calls that wait
+
+
+def step_probe(tree: Path, rows: int, steps: int = 30) -> dict:
+    """In this process, the engine of `tree` (this repository or --base-tree) on the default model: `rows` rows
+    decoding, per step the tensor calls that wait for the device (counted from the engine's code and from the
+    model's) and the median step time; greedy, sampled with top-p, and greedy with log-probabilities."""
+    sys.path.insert(0, str(tree))
+    import statistics
+    from collections import Counter
+
+    import torch
+
+    from server.config import Settings
+    from server.engine.engine import Engine
+    from server.engine.loader import load
+    from server.engine.params import SamplingParams
+    try:
+        from server.engine.client import EngineConfig
+    except ImportError:  # before the engine client existed
+        from server.engine.engine import EngineConfig
+
+    loaded = load(Settings())
+    out: dict = {"rows": rows, "dtype": str(loaded.dtype).removeprefix("torch.")}
+    for name, params in [("greedy", SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)),
+                         ("top_p", SamplingParams(max_tokens=steps + 20, temperature=0.9, top_p=0.9, ignore_eos=True)),
+                         ("logprobs", SamplingParams(max_tokens=steps + 20, temperature=0.0, logprobs=3,
+                                                     ignore_eos=True))]:
+        engine = Engine(loaded.model, loaded.tokenizer, loaded.device, EngineConfig(max_model_len=512, max_batch_size=rows))
+        fused = engine.runner.enable_fused()
+        if hasattr(engine.scheduler, "fused"):
+            engine.scheduler.fused = fused
+        counts, counting, times = Counter(), [False], []
+        originals = {n: getattr(torch.Tensor, n) for n in WAITS}
+
+        def counted(n, originals=originals, counts=counts, counting=counting):
+            def call(self, *a, **k):
+                if counting[0]:
+                    counts["engine" if "/server/engine/" in sys._getframe(1).f_code.co_filename else "model"] += 1
+                return originals[n](self, *a, **k)
+            return call
+
+        async def run(engine=engine, params=params, times=times, counting=counting):
+            tok = loaded.tokenizer
+            engine.generate_all([(tok(f"Story number {i}:")["input_ids"], params, f"r{i}") for i in range(rows)])
+            for r in engine._inbox:
+                engine._requests[r.request_id] = r
+                engine.scheduler.add(r)
+            engine._inbox = []
+            while engine.batch is None or len(engine.batch) < rows or engine.scheduler.waiting:
+                engine.step()
+            for _ in range(3):
+                engine.step()
+            counting[0] = True
+            for _ in range(steps):
+                start = time.perf_counter()
+                engine.step()
+                times.append(time.perf_counter() - start)
+            counting[0] = False
+
+        for n in WAITS:
+            setattr(torch.Tensor, n, counted(n))
+        try:
+            asyncio.run(run())
+        finally:
+            for n, f in originals.items():
+                setattr(torch.Tensor, n, f)
+        out[name] = {"engine_waits_per_step": counts["engine"] / steps, "model_waits_per_step": counts["model"] / steps,
+                     "step_ms_median": round(1000 * statistics.median(times), 1)}
+    return out
+
+
+def run_step_probe(tree: Path, rows: int) -> dict:
+    """step_probe in a process of its own (each tree imports its own `server`)."""
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--step-probe", str(tree), "--step-rows",
+                           str(rows)], cwd=tree, capture_output=True, text=True, timeout=1200)
+    if done.returncode:
+        return {"error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def bare_forward_ms(model, tok, steps: int = 64) -> float:
     """Median time of one KV-cached forward + argmax at batch 1: the floor for a server's per-token latency (CUDA
     events on a GPU)."""
@@ -540,7 +623,13 @@ def main() -> None:
     ap.add_argument("--base-tree", help="another checkout of this server, run as the target 'base' beside 'ours'")
     ap.add_argument("--prefix-targets", default="ours", help="targets of the prefix-cache runs (with the cache and "
                     "with --no-prefix-cache): ours, base, or both; empty: skip")
+    ap.add_argument("--step-rows", type=int, default=32, help="rows of the decode-step probe (host waits and step "
+                    "time, in ours and in --base-tree where given; 0: skip)")
+    ap.add_argument("--step-probe", help=argparse.SUPPRESS)  # internal: run step_probe on this tree, print JSON
     args = ap.parse_args()
+    if args.step_probe:
+        print(json.dumps(step_probe(Path(args.step_probe), args.step_rows)))
+        return
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -641,6 +730,10 @@ def main() -> None:
             finally:
                 server.stop()
             print(target, json.dumps(result["mixed"][target]), file=sys.stderr)
+    if args.step_rows:
+        trees = {"ours": ROOT} | ({"base": Path(args.base_tree)} if args.base_tree else {})
+        result["decode_step"] = {name: run_step_probe(tree, args.step_rows) for name, tree in trees.items()}
+        print(json.dumps(result["decode_step"]), file=sys.stderr)
     for target in [t for t in args.prefix_targets.split(",") if t in targets]:
         for mode, flags in (("cache", ()), ("no_cache", ("--no-prefix-cache",))):
             server = start_target(target, args, hf_dir, gguf, 16, extra=flags)
@@ -671,8 +764,8 @@ def main() -> None:
     (OUT / f"{args.name}.md").write_text(table(result) + "\n")
     plot(result, OUT / f"{args.name}.png")
     print(table(result))
-    print(json.dumps({k: result[k] for k in ("ceiling", "mixed", "beams", "structured", "prefix") if k in result},
-                     indent=1))
+    print(json.dumps({k: result[k] for k in ("ceiling", "mixed", "beams", "structured", "prefix", "decode_step")
+                      if k in result}, indent=1))
 
 
 if __name__ == "__main__":

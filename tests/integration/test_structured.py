@@ -4,7 +4,7 @@ over HTTP, on a real port: every answer follows its schema, every body validates
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Annotated, Literal
 
 import httpx
 import jsonschema
@@ -23,7 +23,7 @@ class City(BaseModel):
     name: str = Field(max_length=20)
     population: int = Field(ge=0, le=10**9)
     kind: Literal["capital", "town"]
-    tags: list[str] = Field(max_length=3)
+    tags: list[Annotated[str, Field(max_length=20)]] = Field(max_length=3)  # bounded: a sampled answer ends
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,11 @@ def test_sdk_parse_with_a_pydantic_model(client):
     messages = [{"role": "user", "content": "Describe Paris as JSON."}]
 
     def parsed():
-        return client.chat.completions.parse(model=MODEL, messages=messages, response_format=City, max_tokens=120,
+        return client.chat.completions.parse(model=MODEL, messages=messages, response_format=City, max_tokens=250,
                                              temperature=0)
 
     def streamed():
-        with client.chat.completions.stream(model=MODEL, messages=messages, response_format=City, max_tokens=120,
+        with client.chat.completions.stream(model=MODEL, messages=messages, response_format=City, max_tokens=250,
                                             temperature=0.8, seed=3) as s:
             return s.get_final_completion()
 
