@@ -22,7 +22,7 @@ from server.engine.loader import (
     SENTENCEPIECE_CHECKS,
     ModelLoadError,
     check_sentencepiece,
-    cpu_has_bf16,
+    cpu_choice,
     load,
     parse_max_memory,
     resolve_dtype,
@@ -118,8 +118,8 @@ def test_own_code_needs_the_flag_and_runs_with_it(family_models, tmp_path):
 
 
 def test_dtype_auto_reads_the_weights_when_the_config_has_none(family_models, tmp_path):
-    native = torch.bfloat16 if cpu_has_bf16() else torch.float32
-    print(f"this CPU computes bf16 natively: {cpu_has_bf16()}")
+    native = torch.bfloat16 if cpu_choice().dtype == "bfloat16" else torch.float32  # where faster here (cpu.py)
+    print(f"bf16 checkpoints run here in {native}")
     for name in ("polylm-1.7b", "polylm-13b"):  # one .bin; four shards with an index
         loaded = load(Settings(model=str(family_models[name])))
         assert loaded.checkpoint_dtype == "bfloat16" and loaded.dtype == loaded.model.dtype == native
@@ -268,5 +268,8 @@ def test_quantization_without_cuda_fails_clearly(family_models, kind):
 
 
 def test_the_gguf_default_model_runs_in_bf16_where_the_cpu_can():
-    print(f"this CPU computes bf16 natively: {cpu_has_bf16()}")
-    assert load(Settings()).dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    chosen = cpu_choice()
+    print(f"bf16 checkpoints run here in {chosen.dtype}: {chosen.why}")
+    loaded = load(Settings())
+    assert str(loaded.dtype) == f"torch.{chosen.dtype}"
+    assert loaded.onednn_min_tokens == (chosen.onednn_min_tokens if chosen.dtype == "bfloat16" else 0)

@@ -33,6 +33,7 @@ def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
         prefill_chunk=settings.prefill_chunk,
         fuse_prefill=settings.fuse_prefill,
         prefix_cache_bytes=prefix_bytes,
+        onednn_min_tokens=loaded.onednn_min_tokens,
         eos_token_ids=loaded.family.eos_token_ids,
     )
     info = ModelInfo(

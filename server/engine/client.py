@@ -31,6 +31,7 @@ class EngineConfig:
     eos_token_ids: tuple[int, ...] = ()  # end tokens besides the model's and tokenizer's (a family's)
     fuse_prefill: bool = True  # decode and prefill chunks in one forward, where the model passes the check
     prefix_cache_bytes: int = 0  # the prefix cache's pool (prefix.py); 0: no prefix caching
+    onednn_min_tokens: int = 0  # on CPU: forwards of fewer tokens run their bf16 matmuls without oneDNN (cpu.py)
 
 
 @dataclass(frozen=True)

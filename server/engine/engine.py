@@ -65,7 +65,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         prefix = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes else None
-        self.runner = ModelRunner(model, device, len(tokenizer), config.max_batch_size, config.max_model_len, prefix)
+        self.runner = ModelRunner(model, device, len(tokenizer), config.max_batch_size, config.max_model_len, prefix,
+                                  config.onednn_min_tokens)
         self.scheduler = Scheduler(config.max_batch_size, config.max_batch_tokens, config.prefill_chunk,
                                    lookup=prefix.match if prefix is not None else None,
                                    cut_block=BLOCK if _weights_dtype(model) in (torch.bfloat16, torch.float16) else 0)

@@ -37,6 +37,7 @@ from transformers.tokenization_utils_tokenizers import TokenizersBackend
 from ..config import Settings, model_path_problem
 from ..families import FAMILIES, Family, detect
 from .checkpoint import TOKENIZER_FILES, has_tokenizer, sentencepiece_mismatch, weight_files, weights_dtype
+from .cpu import Choice, cpu_dtype
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Loaded:
     dtype: torch.dtype  # served in
     checkpoint_dtype: str  # the weights as stored ("bfloat16", ...; "gguf"; "unknown" where unreadable)
     generation_defaults: dict[str, Any]  # generation_config.json's (or the family's), for unset request fields
+    onednn_min_tokens: int = 0  # on CPU in bf16: forwards of fewer tokens run with oneDNN off (cpu.py)
 
 
 def default_gguf() -> Path:
@@ -124,13 +126,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def cpu_has_bf16() -> bool:
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def resolve_dtype(dtype: str, device: torch.device, checkpoint: torch.dtype | None = None) -> torch.dtype:
     """auto: on GPU the checkpoint's half precision (bf16 on sm80 and newer, else fp16); on CPU a bf16 (or GGUF)
-    checkpoint runs in bf16 where the CPU computes in bf16 natively (avx512_bf16, AMX), everything else in fp32."""
+    checkpoint runs in whichever of bf16 and fp32 decodes faster on this CPU (measured once per CPU: cpu.py),
+    everything else in fp32."""
     if dtype != "auto":
         return DTYPES[dtype]
     if device.type == "cuda":
@@ -139,7 +138,12 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint: torch.dtype | No
         if checkpoint == torch.float16 or torch.cuda.get_device_capability(device) < (8, 0):
             return torch.float16
         return torch.bfloat16
-    return torch.bfloat16 if checkpoint == torch.bfloat16 and cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if checkpoint == torch.bfloat16 and cpu_choice().dtype == "bfloat16" else torch.float32
+
+
+def cpu_choice() -> Choice:
+    """This CPU's dtype and bf16 backend (cpu.py), measured once and kept in the cache folder."""
+    return cpu_dtype(cache_root() / "cpu-dtype.json")
 
 
 def parse_max_memory(text: str) -> dict[int | str, str]:
@@ -551,5 +555,7 @@ def load(settings: Settings) -> Loaded:
     defaults = generation_defaults(net, family) if settings.generation_config == "auto" else {}
     if defaults:
         log.info("generation defaults for fields a request leaves unset: %s", defaults)
+    on_cpu_bf16 = device.type == "cpu" and dtype == torch.bfloat16 and "device_map" not in kwargs
     return Loaded(model=net, tokenizer=tokenizer, name=name, device=device, family=family, dtype=dtype,
-                  checkpoint_dtype=stored_name, generation_defaults=defaults)
+                  checkpoint_dtype=stored_name, generation_defaults=defaults,
+                  onednn_min_tokens=cpu_choice().onednn_min_tokens if on_cpu_bf16 else 0)

@@ -33,8 +33,9 @@ def bare_requests(prompts, params: SamplingParams) -> list[Request]:
 
 class ModelRunner:
     def __init__(self, model: Any, device: torch.device, vocab_size: int | None = None, max_rows: int | None = None,
-                 max_cols: int | None = None, prefix: PrefixCache | None = None) -> None:
+                 max_cols: int | None = None, prefix: PrefixCache | None = None, onednn_min_tokens: int = 0) -> None:
         self.model = model
+        self.onednn_min_tokens = onednn_min_tokens  # forwards of fewer tokens run without oneDNN (cpu.py)
         self.prefix = prefix  # prompts' keys and values kept for later prompts that start the same way
         self.device = device
         self.cache_limits = (max_rows, max_cols)  # what KV buffers may grow to: rows in a batch, tokens in a row
@@ -65,8 +66,15 @@ class ModelRunner:
         kwargs = self._inputs(attention_mask, positions, cache)
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = 0 if all_logits else 1
+        self._matmuls(input_ids.numel())
         logits = self.model(input_ids=input_ids, **kwargs).logits[..., : self.vocab_size]
         return logits.float() if all_logits else logits[:, -1, :].float()
+
+    def _matmuls(self, tokens: int) -> None:
+        """Before a forward of `tokens` tokens: oneDNN on for its bf16 matmuls, or off where torch's own kernel is
+        faster (one token: a stream decoding alone; cpu.py). A process-wide switch: forwards run on one thread."""
+        if self.onednn_min_tokens:
+            torch.backends.mkldnn.enabled = tokens >= self.onednn_min_tokens
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)[..., : self.vocab_size].float()
@@ -139,6 +147,7 @@ class ModelRunner:
         ids, mask, positions = p.ids[:, start:end], p.attention_mask[:, :end], p.prompt_positions[:, start:end]
         head = None
         if echo and self.trunk is not None:  # the last hidden states of every position
+            self._matmuls(ids.numel())
             scores = self.trunk(input_ids=ids, **self._inputs(mask, positions, p.cache)).last_hidden_state
             logits, head = self._head(scores[:, -1, :]), self._head
         else:
@@ -209,6 +218,7 @@ class ModelRunner:
                 keep += [first + i * size + size - 1 for i in range(len(p.requests))]
             spans.append((p, last))
         step = fused.FusedStep(batch.cache, rows, batch.attention_mask.bool()[:, None, None, :], groups)
+        self._matmuls(sum(t.numel() for t in ids))
         logits = fused.forward(self.model, step, torch.cat(ids).unsqueeze(0),
                                torch.cat(positions).unsqueeze(0) if self.takes_positions else None,
                                torch.tensor(keep, device=self.device))[:, : self.vocab_size]

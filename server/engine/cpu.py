@@ -1,0 +1,163 @@
+"""Which dtype decodes fastest on the CPU at hand, measured once per CPU and kept.
+
+A flag list would say "bf16 only where the CPU computes it natively (avx512_bf16, AMX)". But decoding one row is
+bound by the bytes of weights read, so bf16's half-size weights can win on a CPU that only converts bf16 to fp32
+(AVX2: 70 ms a step against 127 ms in fp32 for the default model, on one such AMD EPYC), while 32 rows are bound by
+arithmetic, where converting costs. So `--dtype auto` on CPU times both dtypes on a decode-shaped workload (eight
+2048x2048 layers, 128 MiB of fp32 weights: more than a CPU's caches, as a model's are) at 1 row and at 32 rows, and
+takes bf16 when the geometric mean of its two times beats fp32's by MARGIN (bf16 rounds more, so it must pay). The
+result is kept per CPU model, feature set and torch version (one file in the cache folder); a file lock makes
+servers that start together measure once.
+
+Where oneDNN computes bf16 (AVX-512), it is the backend for bf16 matmuls, and it wins from two rows up (at 32 rows
+of the default model, 94 ms a step against 288 through torch's own kernels); but at one row torch's own kernel
+reads the weights faster (19 ms a step against 37). The probe times that too, and where it pays, forwards of one
+token (one stream decoding alone) run with oneDNN switched off (`onednn_min_tokens`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# /proc/cpuinfo flag -> the name the log gives it
+FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "avx512_vnni": "AVX512-VNNI",
+            "avx_vnni": "AVX-VNNI", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
+MARGIN = 0.9  # bf16 is taken when its time is under 90% of fp32's (and torch's kernels at one row under 90% of oneDNN's)
+PLAIN = "bfloat16 without oneDNN"
+PROBE = 2  # the probe's version: kept results of another are measured again
+WIDTH, LAYERS, ROWS = 2048, 8, (1, 32)
+
+
+@dataclass(frozen=True)
+class Cpu:
+    model: str
+    features: tuple[str, ...]  # FEATURES' names of the flags this CPU has
+
+    @property
+    def key(self) -> str:
+        return f"{self.model} | {','.join(self.features)} | torch {torch.__version__} | probe {PROBE}"
+
+
+def read_cpu(cpuinfo: str | None = None) -> Cpu:
+    """The CPU's model name and features, from /proc/cpuinfo's text (this machine's where not given)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() not in fields:
+            fields[name.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    return Cpu(fields.get("model name") or platform.processor() or platform.machine(),
+               tuple(label for flag, label in FEATURES.items() if flag in flags))
+
+
+@dataclass(frozen=True)
+class Choice:
+    dtype: str  # "bfloat16" or "float32"
+    ms: dict[str, list[float]]  # per dtype: the workload's time at 1 row and at 32 rows (bf16 without oneDNN: 1 row)
+    why: str
+    onednn_min_tokens: int = 0  # forwards of fewer tokens run with oneDNN off (0: never off)
+
+
+def native_bf16() -> bool:
+    """Whether oneDNN computes bf16 on this CPU (AVX-512 BW and newer); elsewhere torch converts it to fp32."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def choose(ms: dict[str, list[float]]) -> Choice:
+    """bf16 where the geometric mean of its times (1 row, 32 rows) is under MARGIN times fp32's."""
+    mean = {d: math.sqrt(ms[d][0] * ms[d][1]) for d in ("float32", "bfloat16")}
+    ratio = mean["bfloat16"] / mean["float32"]
+    faster = ratio < MARGIN
+    why = (f"bf16 takes {ratio:.2f}x fp32's time (1 row: {ms['bfloat16'][0]:.1f} against {ms['float32'][0]:.1f} ms; "
+           f"32 rows: {ms['bfloat16'][1]:.1f} against {ms['float32'][1]:.1f} ms): "
+           + ("bf16" if faster else f"fp32 (bf16 must be under {MARGIN}x)"))
+    plain = ms.get(PLAIN)
+    if faster and plain and plain[0] < MARGIN * ms["bfloat16"][0]:
+        why += f"; one-token forwards without oneDNN ({plain[0]:.1f} against {ms['bfloat16'][0]:.1f} ms)"
+        return Choice("bfloat16", ms, why, onednn_min_tokens=2)
+    return Choice("bfloat16" if faster else "float32", ms, why)
+
+
+def measure(repeats: int = 5) -> dict[str, list[float]]:
+    """Median ms of one pass through the LAYERS layers, per dtype, at each of ROWS rows; where oneDNN computes
+    bf16, also bf16 at one row with oneDNN off."""
+    gen = torch.Generator().manual_seed(0)
+
+    def timed(weights: list[torch.Tensor], rows: int) -> float:
+        x = torch.randn(rows, WIDTH, generator=gen).to(weights[0].dtype)
+        runs = []
+        with torch.inference_mode():
+            for _ in range(repeats + 1):  # the first warms the kernels and the caches
+                start = time.perf_counter()
+                for w in weights:
+                    torch.nn.functional.linear(x, w)
+                runs.append(time.perf_counter() - start)
+        return round(1000 * statistics.median(runs[1:]), 2)
+
+    out: dict[str, list[float]] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        weights = [torch.randn(WIDTH, WIDTH, generator=gen).to(dtype) for _ in range(LAYERS)]
+        out[str(dtype).removeprefix("torch.")] = [timed(weights, rows) for rows in ROWS]
+        if dtype == torch.bfloat16 and native_bf16():
+            with onednn(False):
+                out[PLAIN] = [timed(weights, 1)]
+    return out
+
+
+@contextmanager
+def onednn(enabled: bool) -> Iterator[None]:
+    """oneDNN on or off for the matmuls run inside (a process-wide switch: forwards run on one thread)."""
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was
+
+
+def cpu_dtype(cache: Path, cpu: Cpu | None = None, measure=measure) -> Choice:
+    """How a bf16-capable checkpoint runs on this CPU: kept in `cache`, else measured (and kept)."""
+    cpu = cpu or read_cpu()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # servers starting together: one measures, the others read
+        try:
+            kept = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            kept = {}
+        if cpu.key in kept:
+            choice = Choice(**kept[cpu.key])
+            source = f"kept in {cache}"
+        else:
+            started = time.perf_counter()
+            choice = choose(measure())
+            source = f"measured in {time.perf_counter() - started:.1f} s"
+            kept[cpu.key] = asdict(choice)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(kept, indent=1) + "\n")
+            tmp.replace(cache)
+    log.info("CPU: %s; %s; fp32 matmuls through %s, bf16 through %s; dtype auto: %s (%s)", cpu.model,
+             ", ".join(cpu.features) or "none of AVX2, AVX-512, bf16, VNNI or AMX",
+             "MKL" if torch.backends.mkl.is_available() else "torch's BLAS",
+             "oneDNN" if native_bf16() else "torch's own kernels (converted to fp32)", choice.why, source)
+    return choice
