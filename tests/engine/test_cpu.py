@@ -64,6 +64,15 @@ def test_the_choice_is_measured_once_per_cpu_and_kept(tmp_path, caplog):
     assert len(calls) == 2 and avx2.key in cache.read_text() and spr.key in cache.read_text()
 
 
+def test_a_cache_folder_that_cannot_be_written_only_costs_a_measurement(tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # the cache folder's place is taken by a file: nothing can be written under it
+    with caplog.at_level(logging.INFO, logger="server.engine.cpu"):
+        choice = cpu_dtype(blocked / "cpu-dtype.json", read_cpu(AVX2_EPYC),
+                           lambda: {"float32": [12.7, 40.0], "bfloat16": [6.0, 60.0]})
+    assert choice.dtype == "bfloat16" and "not kept" in caplog.text
+
+
 def test_this_machine_is_measured():
     ms = measure(repeats=1)
     print(f"this CPU: {read_cpu()}, {ms}: {choose(ms).why}")
