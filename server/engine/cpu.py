@@ -25,7 +25,7 @@ import os
 import platform
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -134,36 +134,38 @@ def onednn(enabled: bool) -> Iterator[None]:
         torch.backends.mkldnn.enabled = was
 
 
-def _kept_or_measured(cache: Path, cpu: Cpu, measure) -> tuple[Choice, str]:
-    try:
-        kept = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        kept = {}
-    if cpu.key in kept:
-        return Choice(**kept[cpu.key]), f"kept in {cache}"
-    started = time.perf_counter()
-    choice = choose(measure())
-    source = f"measured in {time.perf_counter() - started:.1f} s"
-    kept[cpu.key] = asdict(choice)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(kept, indent=1) + "\n")
-    tmp.replace(cache)
-    return choice, source
-
-
 def cpu_dtype(cache: Path, cpu: Cpu | None = None, measure=measure) -> Choice:
-    """How a bf16-capable checkpoint runs on this CPU: kept in `cache`, else measured (and kept where the cache
-    folder can be written; measured at every start where it cannot)."""
+    """How a bf16-capable checkpoint runs on this CPU: kept in `cache`, else measured and kept (where the cache
+    folder cannot be written, measured at every start)."""
     cpu = cpu or read_cpu()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        with open(cache.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # servers starting together: one measures, the others read
-            choice, source = _kept_or_measured(cache, cpu, measure)
+        lock, unwritable = open(cache.with_suffix(".lock"), "w"), None  # noqa: SIM115 - closed by the with
     except OSError as e:  # a read-only cache folder
-        started = time.perf_counter()
-        choice = choose(measure())
-        source = f"measured in {time.perf_counter() - started:.1f} s, not kept: {e}"
+        lock, unwritable = None, e
+    with lock or nullcontext():
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # servers starting together: one measures, the others read
+        try:
+            kept = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            kept = {}
+        if cpu.key in kept:
+            choice, source = Choice(**kept[cpu.key]), f"kept in {cache}"
+        else:
+            started = time.perf_counter()
+            choice = choose(measure())
+            source = f"measured in {time.perf_counter() - started:.1f} s"
+            if unwritable is None:
+                kept[cpu.key] = asdict(choice)
+                tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+                try:
+                    tmp.write_text(json.dumps(kept, indent=1) + "\n")
+                    tmp.replace(cache)
+                except OSError as e:
+                    unwritable = e
+            if unwritable is not None:
+                source += f", not kept: {unwritable}"
     log.info("CPU: %s; %s; fp32 matmuls through %s, bf16 through %s; dtype auto: %s (%s)", cpu.model,
              ", ".join(cpu.features) or "none of AVX2, AVX-512, bf16, VNNI or AMX",
              "MKL" if torch.backends.mkl.is_available() else "torch's BLAS",

@@ -141,8 +141,9 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint: torch.dtype | No
     return torch.bfloat16 if checkpoint == torch.bfloat16 and cpu_choice().dtype == "bfloat16" else torch.float32
 
 
+@functools.cache
 def cpu_choice() -> Choice:
-    """This CPU's dtype and bf16 backend (cpu.py), measured once and kept in the cache folder."""
+    """This CPU's dtype and bf16 backend (cpu.py), measured once and kept in the cache folder; read once a process."""
     return cpu_dtype(cache_root() / "cpu-dtype.json")
 
 
