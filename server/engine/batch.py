@@ -85,12 +85,28 @@ class Batch:
         """(rows, width): 1 = a real token, 0 = padding (a view of the buffer)."""
         return self._mask.narrow(1, 0, self._width)
 
-    def open_column(self) -> None:
-        """Every row feeds a token: the timeline's next column opens, written in place while spare ones last."""
-        if self._width == self._mask.shape[1]:
+    def open_column(self, n: int = 1) -> None:
+        """Every row feeds n tokens: the timeline's next n columns open, written in place while spare ones last."""
+        if self._width + n > self._mask.shape[1]:
             self._set_mask(self.attention_mask)
-        self._mask.narrow(1, self._width, 1).fill_(1)
-        self._width += 1
+        self._mask.narrow(1, self._width, n).fill_(1)
+        self._width += n
+
+    @torch.inference_mode()
+    def settle(self, kept: list[int], fed: int) -> None:
+        """After a forward that fed each row `fed` tokens (its next token and a draft, speculative.py), of which row
+        i keeps its first kept[i] + 1: the others are masked out, columns that no row keeps are closed (here and in
+        the cache), and each row's next position moves past what it kept."""
+        keep = max(kept) + 1
+        start = self._width - fed
+        kept = torch.tensor(kept, device=self.positions.device)
+        cols = torch.arange(keep, device=kept.device).unsqueeze(0)
+        self._mask.narrow(1, start, keep).masked_fill_(cols > kept.unsqueeze(1), 0)
+        self._mask.narrow(1, start + keep, fed - keep).zero_()
+        self._width = start + keep
+        for layer in self.cache.live_layers():
+            layer.close(fed - keep)
+        self.positions += kept + 1
 
     @property
     def params(self) -> RowParams:

@@ -28,6 +28,7 @@ from .prefix import BLOCK, PrefixCache
 from .request import Request, RequestOutput, Sequence, SeqOutput, TokenLogprob
 from .runner import ModelRunner
 from .scheduler import Scheduler
+from .speculative import PromptLookup
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class Engine:
         self._trim = MALLOC_TRIM is not None and torch.device(device).type == "cpu"
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.devices = cuda_devices(model)
+        self.drafted = self.accepted = 0  # speculative decoding: draft tokens proposed, and kept
         self._grammars: GrammarCompiler | str | None = None  # or why it cannot be built
         self._grammars_lock = threading.Lock()
 
@@ -249,6 +251,12 @@ class Engine:
         chunk is in join the batch."""
         plan = self.scheduler.schedule()
         self._start(plan.admitted)
+        drafts = self._drafts() if plan.decode and not plan.chunks else None
+        if drafts is not None:
+            self.scheduler.fed(plan)
+            self._advance_drafted(self.batch, drafts)
+            self._evict_finished()
+            return
         logits, prefilled = self.runner.execute(plan, self.batch)
         self.scheduler.fed(plan)
         if logits is not None:
@@ -309,14 +317,46 @@ class Engine:
         self._update(batch, tokens, logprobs)
 
     def _new_sequence(self, request: Request, index: int) -> Sequence:
-        pipeline = DecodePipeline(request.params, self.eos_ids, self.config.max_model_len)
+        params = request.params
+        pipeline = DecodePipeline(params, self.eos_ids, self.config.max_model_len)
         seq = Sequence(request, index, IncrementalDetokenizer(self.tokenizer, request.prompt_ids), pipeline)
-        if request.params.seed is not None:
-            seq.generator = self.runner.new_generator((request.params.seed + index) % 2**64)
+        if params.seed is not None:
+            seq.generator = self.runner.new_generator((params.seed + index) % 2**64)
+        # drafts for rows whose tokens come one at a time from the raw distribution: not with processors (their
+        # state moves with each token), logprobs, beams, or a seed (its draws would depend on the batch)
+        elif params.prompt_lookup and params.num_beams == 1 and params.logprobs is None and not pipeline.processors:
+            seq.lookup = PromptLookup(request.prompt_ids)
         return seq
 
-    def _update(self, batch: Batch, tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
-        """Append each row's new token, detokenize, check stops; report per request."""
+    def _drafts(self) -> list[list[int]] | None:
+        """Each row's draft for this step, where every row can take one and some row has one (speculative.py);
+        else None: the batch decodes a token per row."""
+        batch = self.batch
+        if batch is None or any(s.lookup is None for s in batch.seqs):
+            return None
+        drafts = []
+        for seq in batch.seqs:
+            missing = seq.num_tokens - len(seq.lookup.tokens)
+            seq.lookup.extend(seq.token_ids[len(seq.token_ids) - missing :])
+            # never past the row's last token, nor the timeline past the longest context
+            room = min(seq.request.params.max_tokens - len(seq.token_ids) - 1,
+                       self.config.max_model_len - batch.width - 1)
+            drafts.append(seq.lookup.draft(min(seq.request.params.prompt_lookup, room)) if room > 0 else [])
+        if not any(drafts):
+            return None
+        return drafts
+
+    def _advance_drafted(self, batch: Batch, drafts: list[list[int]]) -> None:
+        """The rows' next tokens and drafts in one forward; each row takes its kept draft and one token more."""
+        kept, taken, broken = self.runner.verify(batch, drafts)
+        self.drafted += sum(len(d) for d in drafts)
+        self.accepted += sum(kept)
+        for request in {batch.seqs[row].request for row in broken}:
+            self._fail_request(request, "the model produced NaN logits for this request")
+        self._update(batch, taken, [None] * len(batch))
+
+    def _update(self, batch: Batch, tokens: list[int] | list[list[int]], logprobs: list[TokenLogprob | None]) -> None:
+        """Append each row's new token (or tokens), detokenize, check stops; report per request."""
         outputs: dict[Request, list[SeqOutput]] = {}
         for seq, token, lp in zip(batch.seqs, tokens, logprobs, strict=True):
             if seq.finished:  # its request failed in this step
@@ -326,7 +366,16 @@ class Engine:
                     if seq.request not in outputs:
                         outputs[seq.request] = self._beam_outputs(seq.request)
                     continue
-                out = seq.pipeline.accept(seq, token)
+                if isinstance(token, list):  # several tokens this step (a kept draft): up to the row's end
+                    out = seq.pipeline.accept(seq, token[0])
+                    for t in token[1:]:
+                        if out.finish_reason is not None:
+                            break
+                        more = seq.pipeline.accept(seq, t)
+                        out.text, out.finish_reason = out.text + more.text, more.finish_reason
+                        out.token_ids += more.token_ids
+                else:
+                    out = seq.pipeline.accept(seq, token)
             except Exception as e:  # this request's decoding broke: it fails, the others go on
                 self._fail_request(seq.request, f"{type(e).__name__}: {e}", exc=True)
                 continue

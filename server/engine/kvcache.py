@@ -81,6 +81,11 @@ class InPlaceLayer(DynamicLayer):
         self._view()
         return self.keys, self.values
 
+    def close(self, n: int) -> None:
+        """Forget the last n columns (tokens fed but not kept: a rejected draft's)."""
+        self.end -= n
+        self._view()
+
     def _view(self) -> None:
         self.keys = self._live(self.kbuf).narrow(0, 0, self.rows)
         self.values = self._live(self.vbuf).narrow(0, 0, self.rows)

@@ -65,6 +65,7 @@ class Sequence:
         self.pipeline = pipeline or DecodePipeline(request.params, set())  # its processors and stop rules
         self.finish_reason: str | None = None
         self.generator: Any = None  # a torch.Generator for seeded sampling, set by the engine
+        self.lookup: Any = None  # its tokens indexed for drafts (speculative.PromptLookup), where it takes drafts
 
     @property
     def finished(self) -> bool:

@@ -15,6 +15,7 @@ from .params import SamplingParams
 from .prefix import Hit, PrefixCache
 from .request import Request, Sequence, TokenLogprob
 from .sampling import sample, token_logprobs
+from .speculative import accept
 from .scheduler import StepPlan
 
 PROMPT_SLICE = 256  # prompt positions whose logits exist at once for prompt log-probabilities (echo): 256 x a
@@ -236,7 +237,12 @@ class ModelRunner:
         for i in rows:
             seq = batch.seqs[i]
             ids = seq.request.prompt_ids + seq.token_ids[:-1]
-            self.prefix.store(ids, [(layer.keys[i], layer.values[i]) for layer in layers], batch.width - len(ids))
+            if seq.lookup is None:  # its tokens are the last columns
+                kv = [(layer.keys[i], layer.values[i]) for layer in layers]
+            else:  # rejected drafts left masked columns between them; and it may have fed past its stop
+                cols = batch.attention_mask[i].nonzero().squeeze(1)[: len(ids)]
+                kv = [(layer.keys[i].index_select(1, cols), layer.values[i].index_select(1, cols)) for layer in layers]
+            self.prefix.store(ids, kv, kv[0][0].shape[1] - len(ids))
 
     def _prefilled(self, p: Prefill, logits: torch.Tensor) -> tuple[Batch, torch.Tensor]:
         requests = p.requests
@@ -258,6 +264,29 @@ class ModelRunner:
         )
         batch.positions += 1
         return logits
+
+    @torch.inference_mode()
+    def verify(self, batch: Batch, drafts: list[list[int]]) -> tuple[list[int], list[list[int]], list[int]]:
+        """Feed every row its next token and its draft (up to k tokens; speculative.py) in one forward and keep what
+        the model agrees with. Returns per row the draft tokens kept and the tokens taken (the kept draft and one
+        more), and the rows whose logits held NaN."""
+        k = max(len(d) for d in drafts)
+        lengths = [len(d) for d in drafts]
+        padded = torch.tensor([d + [0] * (k - len(d)) for d in drafts], dtype=torch.long).to(self.device)
+        ids = torch.cat([batch.next_tokens.unsqueeze(1), padded], dim=1)
+        batch.open_column(k + 1)
+        positions = batch.positions.unsqueeze(1) + torch.arange(k + 1, device=self.device)
+        logits = self._forward(ids, batch.attention_mask, positions, batch.cache, all_logits=True)
+        nan = torch.isnan(logits).flatten(1).any(dim=1)
+        logits.masked_fill_(nan[:, None, None], 0.0)
+        rows = batch.params
+        kept, tokens = accept(logits, padded, torch.tensor(lengths, device=self.device), *rows.tensors(), rows.host)
+        host = torch.cat([kept.unsqueeze(1), nan.long().unsqueeze(1), tokens], dim=1).tolist()
+        kept_list = [line[0] for line in host]
+        batch.settle(kept_list, k + 1)
+        taken = [line[2 : 3 + line[0]] for line in host]
+        batch.next_tokens = torch.tensor([t[-1] for t in taken], dtype=torch.long).to(self.device)
+        return kept_list, taken, [row for row, line in enumerate(host) if line[1]]
 
     @torch.inference_mode()
     def sample(self, batch: Batch, logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None], list[int]]:

@@ -46,16 +46,8 @@ def sample(
         return logits.argmax(dim=-1)
     every = len(sampled) == logits.shape[0]
     rows = torch.tensor(sampled, device=logits.device)
-    probs = ((logits if every else logits[rows]).float() / temperature[rows].unsqueeze(1)).softmax(dim=-1)
-    k, p = top_k[rows], top_p[rows]
-    cut_rows = [j for j, i in enumerate(sampled) if host[i][2] > 0 or host[i][1] < 1]
-    if cut_rows:
-        cut = torch.tensor(cut_rows, device=logits.device)
-        probs[cut] = truncate(probs[cut], k[cut], p[cut], max(int(host[sampled[j]][2]) for j in cut_rows),
-                              any(host[sampled[j]][1] < 1 for j in cut_rows))
-    if min_p is not None and any(host[i][3] > 0 for i in sampled):
-        # min-p: drop tokens less likely than min_p times the most likely one
-        probs = probs * (probs >= min_p[rows].unsqueeze(1) * probs.max(dim=-1, keepdim=True).values)
+    probs = distribution(logits if every else logits[rows], temperature[rows], top_p[rows], top_k[rows],
+                         min_p[rows] if min_p is not None else None, [host[i] for i in sampled])
     uniform = torch.rand(len(sampled), dtype=torch.float64, device=logits.device)
     for i, row in enumerate(sampled):
         if generators[row] is not None:
@@ -66,6 +58,22 @@ def sample(
     tokens = logits.argmax(dim=-1)
     tokens[rows] = drawn
     return tokens
+
+
+def distribution(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                 min_p: torch.Tensor | None, host: list[tuple[float, float, int, float]]) -> torch.Tensor:
+    """softmax(logits / temperature) after top-k/top-p and min-p, for rows that sample (temperature > 0); `host`:
+    the same rows' (temperature, top_p, top_k, min_p) as numbers."""
+    probs = (logits.float() / temperature.unsqueeze(1)).softmax(dim=-1)
+    cut_rows = [i for i, h in enumerate(host) if h[2] > 0 or h[1] < 1]
+    if cut_rows:
+        cut = torch.tensor(cut_rows, device=logits.device)
+        probs[cut] = truncate(probs[cut], top_k[cut], top_p[cut], max(int(host[i][2]) for i in cut_rows),
+                              any(host[i][1] < 1 for i in cut_rows))
+    if min_p is not None and any(h[3] > 0 for h in host):
+        # min-p: drop tokens less likely than min_p times the most likely one
+        probs = probs * (probs >= min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values)
+    return probs
 
 
 def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
