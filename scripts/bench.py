@@ -317,6 +317,72 @@ async def run_prefix(server: Server, tokenizer) -> dict:
                           "prompt_tokens_computed": sum(r["prompt_computed"] for r in turns)}}
 
 
+CODE = """def mean(values):
+    total = 0
+    for v in values:
+        total += v
+    return total / len(values)
+
+
+def variance(values):
+    m = mean(values)
+    total = 0
+    for v in values:
+        total += (v - m) ** 2
+    return total / len(values)
+"""
+PASSAGES = [
+    "The river town woke early. Fishermen pulled their boats onto the gravel, the baker opened his shutters, and the "
+    "bells of the old church rang six times. By seven the market square was full of carts, voices and the smell of "
+    "bread, and the ferry to the far bank was already on its second crossing of the day.",
+    "Our library is open from nine in the morning to eight in the evening, Monday to Saturday. Books may be borrowed "
+    "for three weeks and renewed twice, online or at the desk. Study rooms can be booked a week ahead for up to "
+    "three hours, and the reading room on the second floor is kept silent at all times.",
+    "To make the soup, chop two onions, three carrots and a stick of celery. Fry them gently in olive oil for ten "
+    "minutes, add a litre of stock and a tin of tomatoes, and simmer for twenty minutes. Season with salt, pepper "
+    "and a little thyme, then blend until smooth and serve with warm bread.",
+    "The committee met on Tuesday to review the budget for next year. It agreed to keep the current staff, to "
+    "repair the roof of the main hall before winter, and to postpone the new car park until the spring. The next "
+    "meeting will be held on the first Monday of the month at the town hall.",
+]
+LOOKUP_TASKS = {  # answers that repeat their prompt, and one that does not
+    "repeat a text": "Repeat the following text exactly, word for word:\n\n{passage}",
+    "edit code": "Rename the function mean to average everywhere in this code, and return the whole code:\n\n" + CODE,
+    "write a story": "{story}",
+}
+
+
+async def run_lookup(server: Server, clients: list[int], max_tokens: int, k: int) -> dict:
+    """Each task at each concurrency with prompt lookup off and with k draft tokens (the request's own field, one
+    server); greedy, so both give the same tokens. Draft tokens proposed and kept, read from /metrics."""
+    out = {}
+
+    def drafts() -> tuple[float, float]:
+        text = httpx.get(server.url + "/metrics").text
+        got = {}
+        for line in text.splitlines():
+            for name in ("polyglot_spec_decode_num_draft_tokens_total", "polyglot_spec_decode_num_accepted_tokens_total"):
+                if line.startswith(name + " "):
+                    got[name] = float(line.split()[-1])
+        return tuple(got.get(n, 0.0) for n in ("polyglot_spec_decode_num_draft_tokens_total",
+                                                "polyglot_spec_decode_num_accepted_tokens_total"))
+
+    for task, template in LOOKUP_TASKS.items():
+        for c in clients:
+            row = {}
+            for lookup in (0, k):
+                before = drafts()
+                r = await run_level(server, c, 1, max_tokens, lambda i: {"prompt_lookup": lookup, "messages": [
+                    {"role": "user", "content": template.format(story=prompts(c)[i], passage=PASSAGES[i % len(PASSAGES)])}]})
+                after = drafts()
+                row[f"lookup_{lookup}"] = {"tokens_per_s": r["tokens_per_s"], "itl_p50_ms": r["itl_p50_ms"],
+                                           "drafted": after[0] - before[0], "kept": after[1] - before[1]}
+            row["speedup"] = round(row[f"lookup_{k}"]["tokens_per_s"] / row["lookup_0"]["tokens_per_s"], 2)
+            out[f"{task}, {c} clients"] = row
+            print("lookup", task, c, json.dumps(row), file=sys.stderr)
+    return out
+
+
 # -- in-process baselines -------------------------------------------------------------------------------------
 def load_model(path: Path, dtype: str = "float32", device: str = "cpu"):
     import torch
@@ -625,6 +691,9 @@ def main() -> None:
                     "with --no-prefix-cache): ours, base, or both; empty: skip")
     ap.add_argument("--step-rows", type=int, default=32, help="rows of the decode-step probe (host waits and step "
                     "time, in ours and in --base-tree where given; 0: skip)")
+    ap.add_argument("--lookup-clients", default="1,8", help="concurrencies of the prompt-lookup run: tasks whose "
+                    "answers repeat their prompt, with prompt_lookup 0 and --lookup-k (empty: skip)")
+    ap.add_argument("--lookup-k", type=int, default=4)
     ap.add_argument("--step-probe", help=argparse.SUPPRESS)  # internal: run step_probe on this tree, print JSON
     args = ap.parse_args()
     if args.step_probe:
@@ -742,6 +811,13 @@ def main() -> None:
             finally:
                 server.stop()
             print(target, mode, json.dumps(result["prefix"][f"{target}, {mode}"]), file=sys.stderr)
+    if args.lookup_clients and "ours" in targets:
+        server = start_target("ours", args, hf_dir, gguf, 16)
+        try:
+            result["lookup"] = asyncio.run(run_lookup(server, [int(c) for c in args.lookup_clients.split(",")],
+                                                      lengths[0] * 2, args.lookup_k))
+        finally:
+            server.stop()
     if "beams" in result:
         import torch
 

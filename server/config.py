@@ -42,6 +42,7 @@ class Settings:
     fuse_prefill: bool = True
     prefix_cache: bool = True
     prefix_cache_memory: str | None = None
+    prompt_lookup: int = 0
     log_level: str = "info"
     log_format: str = "text"
     log_prompts: bool = False
@@ -105,6 +106,9 @@ HELP = {
     "start the same way (a shared system prompt, a chat's earlier turns); --no-prefix-cache turns it off",
     "prefix_cache_memory": "bytes the prefix cache may hold, least recently used blocks evicted (e.g. 2GiB; "
     "default: 1/8 of the KV-cache budget, on CPU at most 1GiB)",
+    "prompt_lookup": "speculative decoding by prompt lookup: up to N draft tokens a step, copied from what followed the "
+    "answer's last tokens earlier in the prompt or answer and checked in one forward (pays where answers repeat "
+    "their prompt: translation, summaries, code edits); requests may set their own 'prompt_lookup'; 0: off",
     "trust_remote_code": "allow models that ship their own Python code (such as PolyLM base checkpoints) to run it",
     "device_map": "spread the layers over devices with accelerate: auto, balanced, sequential (GPUs, then CPU)",
     "max_memory": "with --device-map, the memory per device, e.g. '0=20GiB,1=20GiB,cpu=64GiB'",
@@ -128,6 +132,7 @@ CHOICES = {
     "generation_config": ["auto", "none"],
     "device_map": ["auto", "balanced", "sequential"],
     "quantization": ["none", "8bit", "4bit"],
+    "prompt_lookup": range(0, 17),
 }
 
 

@@ -18,24 +18,32 @@ VLLM_E2E = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0
             960.0, 1920.0, 7680.0)
 
 
-class PrefixCacheCollector:
-    """The prefix cache's counts, read from the engine at each scrape (nothing when it has none): prompt tokens
-    looked up and found, under our names and vLLM's, and the bytes its pool holds."""
+class EngineCollector:
+    """The engine's counts, read at each scrape, under our names and vLLM's: prompt tokens looked up in the prefix
+    cache and found there, and the bytes its pool holds (nothing when it has none); draft tokens proposed by
+    prompt lookup and kept."""
 
     def __init__(self, engine, model_name: str) -> None:
         self.engine, self.model_name = engine, model_name
 
+    def _counters(self, counts):
+        for prefix, labels in (("polyglot_", None), ("vllm:", ["model_name"])):
+            for name, doc, value in counts:
+                family = CounterMetricFamily(prefix + name, doc, labels=labels)
+                family.add_metric([self.model_name] if labels else [], value)
+                yield family
+
     def collect(self):
+        if getattr(self.engine, "drafted", None) is not None:
+            yield from self._counters([
+                ("spec_decode_num_draft_tokens", "draft tokens proposed by prompt lookup", self.engine.drafted),
+                ("spec_decode_num_accepted_tokens", "draft tokens the model agreed with", self.engine.accepted)])
         stats = self.engine.prefix_cache_stats()
         if stats is None:
             return
         queries, hits, nbytes = stats
-        for prefix, labels in (("polyglot_", None), ("vllm:", ["model_name"])):
-            for name, doc, value in (("prefix_cache_queries", "prompt tokens looked up in the prefix cache", queries),
-                                     ("prefix_cache_hits", "prompt tokens found in the prefix cache", hits)):
-                family = CounterMetricFamily(prefix + name, doc, labels=labels)
-                family.add_metric([self.model_name] if labels else [], value)
-                yield family
+        yield from self._counters([("prefix_cache_queries", "prompt tokens looked up in the prefix cache", queries),
+                                   ("prefix_cache_hits", "prompt tokens found in the prefix cache", hits)])
         yield GaugeMetricFamily("polyglot_prefix_cache_bytes", "bytes of keys and values the prefix cache holds",
                                 value=nbytes)
 
@@ -96,7 +104,7 @@ class Metrics:
                                   ["model_name"], buckets=VLLM_ITL, registry=r).labels(**label)
         self.vllm_e2e = Histogram("vllm:e2e_request_latency_seconds", "end-to-end latency of generation requests",
                                   ["model_name"], buckets=VLLM_E2E, registry=r).labels(**label)
-        r.register(PrefixCacheCollector(engine, model_name))
+        r.register(EngineCollector(engine, model_name))
         self.devices = list(devices)
         if self.devices:
             self.device_gauges = [

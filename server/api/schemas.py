@@ -91,6 +91,7 @@ class _Request(BaseModel):
     length_penalty: Annotated[float, Field(ge=-10.0, le=10.0)] | None = None
     early_stopping: bool | Literal["never"] | None = None
     use_beam_search: bool | None = None  # vLLM's form: the width is best_of (or n)
+    prompt_lookup: Annotated[int, Field(ge=0, le=16)] | None = None  # draft tokens a step (None: the server's --prompt-lookup)
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None

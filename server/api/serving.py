@@ -146,6 +146,7 @@ class OpenAIServing:
             length_penalty=1.0 if req.length_penalty is None else req.length_penalty,
             early_stopping=False if req.early_stopping is None else req.early_stopping,
             prompt_logprobs=req.logprobs if getattr(req, "echo", False) and req.logprobs is not None else None,
+            prompt_lookup=req.prompt_lookup,
             grammar=grammar,
         )
 

@@ -34,6 +34,7 @@ def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
         fuse_prefill=settings.fuse_prefill,
         prefix_cache_bytes=prefix_bytes,
         onednn_min_tokens=loaded.onednn_min_tokens,
+        prompt_lookup=settings.prompt_lookup,
         eos_token_ids=loaded.family.eos_token_ids,
     )
     info = ModelInfo(

@@ -32,6 +32,7 @@ class EngineConfig:
     fuse_prefill: bool = True  # decode and prefill chunks in one forward, where the model passes the check
     prefix_cache_bytes: int = 0  # the prefix cache's pool (prefix.py); 0: no prefix caching
     onednn_min_tokens: int = 0  # on CPU: forwards of fewer tokens run their bf16 matmuls without oneDNN (cpu.py)
+    prompt_lookup: int = 0  # draft tokens a step for requests that do not say (speculative.py); 0: none
 
 
 @dataclass(frozen=True)

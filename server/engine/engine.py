@@ -324,9 +324,12 @@ class Engine:
             seq.generator = self.runner.new_generator((params.seed + index) % 2**64)
         # drafts for rows whose tokens come one at a time from the raw distribution: not with processors (their
         # state moves with each token), logprobs, beams, or a seed (its draws would depend on the batch)
-        elif params.prompt_lookup and params.num_beams == 1 and params.logprobs is None and not pipeline.processors:
+        elif self._draft_len(params) and params.num_beams == 1 and params.logprobs is None and not pipeline.processors:
             seq.lookup = PromptLookup(request.prompt_ids)
         return seq
+
+    def _draft_len(self, params: SamplingParams) -> int:
+        return self.config.prompt_lookup if params.prompt_lookup is None else params.prompt_lookup
 
     def _drafts(self) -> list[list[int]] | None:
         """Each row's draft for this step, where every row can take one and some row has one (speculative.py);
@@ -341,7 +344,7 @@ class Engine:
             # never past the row's last token, nor the timeline past the longest context
             room = min(seq.request.params.max_tokens - len(seq.token_ids) - 1,
                        self.config.max_model_len - batch.width - 1)
-            drafts.append(seq.lookup.draft(min(seq.request.params.prompt_lookup, room)) if room > 0 else [])
+            drafts.append(seq.lookup.draft(min(self._draft_len(seq.request.params), room)) if room > 0 else [])
         if not any(drafts):
             return None
         return drafts

@@ -28,7 +28,7 @@ class SamplingParams:
     num_beams: int = 1  # > 1: beam search with this many beams (Hugging Face's rules)
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # True, False or "never"
-    prompt_lookup: int = 0  # speculative decoding: up to this many draft tokens a step from the row's own text
+    prompt_lookup: int | None = None  # speculative decoding: up to this many draft tokens a step (None: the server's)
     grammar: Any = None  # a grammar.Grammar the answer must follow (structured outputs, forced tool calls)
 
 

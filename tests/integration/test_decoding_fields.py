@@ -1,6 +1,8 @@
 """Decoding fields through the server and the openai SDK (extra_body for the non-OpenAI ones),
 each with a check that fails if the field were ignored."""
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -89,9 +91,38 @@ def test_min_p_narrows_sampling(tiny):
     ({"min_p": 1.5}, "min_p"),
     ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"prompt_lookup": 17}, "prompt_lookup"),
 ])
 def test_out_of_range_is_400(tiny_server, validate, body, param):
     r = httpx.post(tiny_server.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 5, **body})
     assert r.status_code == 400, r.text
     validate("ErrorResponse", r.json())
     assert r.json()["error"]["param"] == param
+
+
+def test_prompt_lookup_keeps_drafts_and_gives_the_same_greedy_answer(fp32_server, validate):
+    """A text to repeat: with drafts the greedy answer is the same, streamed or not (a step may bring several
+    tokens), and /metrics counts draft tokens kept."""
+    client = openai.OpenAI(base_url=fp32_server.url + "/v1", api_key="unused", max_retries=0)
+    text = ("The library is open from nine to eight, Monday to Saturday. Books may be borrowed for three weeks and "
+            "renewed twice, online or at the desk.")
+    messages = [{"role": "user", "content": "Repeat the following text exactly, word for word:\n\n" + text}]
+
+    def metric(name):
+        lines = httpx.get(fp32_server.url + "/metrics").text.splitlines()
+        return float(next(line.split()[-1] for line in lines if line.startswith(name + " ")))
+
+    kept = metric("polyglot_spec_decode_num_accepted_tokens_total")
+    answers = [client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=48,
+                                              temperature=0, extra_body={"prompt_lookup": k}) for k in (0, 6)]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage.completion_tokens == answers[1].usage.completion_tokens
+    assert metric("polyglot_spec_decode_num_accepted_tokens_total") - kept >= 10
+    with httpx.stream("POST", fp32_server.url + "/v1/chat/completions",
+                      json={"messages": messages, "max_tokens": 48, "temperature": 0, "stream": True,
+                            "prompt_lookup": 6}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    for chunk in chunks:
+        validate("CreateChatCompletionStreamResponse", chunk)
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert streamed == answers[0].choices[0].message.content
