@@ -8,6 +8,8 @@
 
 Targets (each started on a free port, one at a time, with the same weights):
 - ours: `python -m server` (this repository);
+- unquantized: ours with `--quantization none` (a 4-bit GGUF file widened to bf16 or fp32, as before
+  `--quantization auto` kept its 4-bit weights);
 - base: the same command in another checkout of this server (`--base-tree DIR`, e.g. a `git worktree` of an older
   commit), with this environment's Python: old and new code side by side in one run;
 - transformers: `transformers serve --continuous-batching`, on the Hugging Face directory converted from the GGUF,
@@ -161,14 +163,16 @@ def llama_binary(given: str | None) -> str | None:
 def start_target(name: str, args: argparse.Namespace, hf_dir: Path, gguf: Path, clients: int,
                  dtype: str = "float32", extra: tuple[str, ...] = ()) -> Server:
     cores = str(os.cpu_count() or 2)
-    if name in ("ours", "base"):
+    if name in ("ours", "base", "unquantized"):
         cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "{port}", "--served-model-name", "bench",
                "--max-batch-size", str(max(64, clients)), *args.ours_args.split(), *extra]
+        if name == "unquantized":
+            cmd += ["--quantization", "none"]
         if args.model:
             cmd += ["--model", args.model]
         if args.device != "auto":
             cmd += ["--device", args.device]
-        return Server(name, cmd, "bench", ignore_eos=True, cwd=ROOT if name == "ours" else Path(args.base_tree))
+        return Server(name, cmd, "bench", ignore_eos=True, cwd=Path(args.base_tree) if name == "base" else ROOT)
     if name == "transformers":
         exe = str(Path(sys.executable).with_name("transformers"))
         cmd = [exe, "serve", "--continuous-batching", "--dtype", dtype, "--host", "127.0.0.1", "--port", "{port}",
@@ -751,7 +755,7 @@ def main() -> None:
                     server.stop()
                     server = None
                 row.update(target=target, max_tokens=n, clients=c, peak_mib=server.peak_mib() if server else None,
-                           device_mib=server.device_mib() if server and target in ("ours", "base") else None)
+                           device_mib=server.device_mib() if server and target in ("ours", "base", "unquantized") else None)
                 print(json.dumps(row), file=sys.stderr)
                 result["runs"].append(row)
                 (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")  # so far

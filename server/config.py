@@ -52,7 +52,7 @@ class Settings:
     trust_remote_code: bool = False
     device_map: str | None = None
     max_memory: str | None = None
-    quantization: str = "none"
+    quantization: str = "auto"
     api_key: str | None = None
     cors_origins: str | None = None
     playground: bool = True
@@ -112,7 +112,9 @@ HELP = {
     "trust_remote_code": "allow models that ship their own Python code (such as PolyLM base checkpoints) to run it",
     "device_map": "spread the layers over devices with accelerate: auto, balanced, sequential (GPUs, then CPU)",
     "max_memory": "with --device-map, the memory per device, e.g. '0=20GiB,1=20GiB,cpu=64GiB'",
-    "quantization": "load the weights in 8bit or 4bit with bitsandbytes (CUDA only), or none",
+    "quantization": "load the weights in 8bit or 4bit with bitsandbytes (CUDA only); int4: 4-bit weights in groups of "
+    "32 through PyTorch's packed int4 kernel for CPUs (a Q4_1 GGUF keeps its own 4-bit values); none: as loaded; "
+    "auto: int4 for a 4-bit GGUF file on a CPU where that kernel measured faster, else none",
     "api_key": "require 'Authorization: Bearer <key>' on /v1/*; several keys separated by commas (health, readiness "
     "and metrics stay open)",
     "playground": "serve the web playground at / (a chat and completion page over this server's API); "
@@ -131,7 +133,7 @@ CHOICES = {
     "model_family": FAMILY_CHOICES,
     "generation_config": ["auto", "none"],
     "device_map": ["auto", "balanced", "sequential"],
-    "quantization": ["none", "8bit", "4bit"],
+    "quantization": ["auto", "none", "8bit", "4bit", "int4"],
     "prompt_lookup": range(0, 17),
 }
 

@@ -13,6 +13,12 @@ Where oneDNN computes bf16 (AVX-512), it is the backend for bf16 matmuls, and it
 of the default model, 94 ms a step against 288 through torch's own kernels); but at one row torch's own kernel
 reads the weights faster (19 ms a step against 37). The probe times that too, and where it pays, forwards of one
 token (one stream decoding alone) run with oneDNN switched off (`onednn_min_tokens`).
+
+It also times the same layers as 4-bit weights through PyTorch's packed int4 kernel (quant.py) at 1, 8 and 32 rows,
+against bf16 at its best. Where they win at one row by MARGIN, a GGUF file whose weights are 4-bit runs on them
+(`--quantization auto`), keeping the file's own values; where bf16 wins by MARGIN from 8 or 32 rows up (oneDNN's
+kernels compute faster than the packed kernel unpacks), the layers keep bf16 weights beside the 4-bit ones for
+forwards of that many rows (`int4_dense_from`).
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", 
             "avx_vnni": "AVX-VNNI", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
 MARGIN = 0.9  # bf16 is taken when its time is under 90% of fp32's (and torch's kernels at one row under 90% of oneDNN's)
 PLAIN = "bfloat16 without oneDNN"
-PROBE = 3  # the probe's version: kept results of another are measured again
+PROBE = 4  # the probe's version: kept results of another are measured again
 WIDTH, LAYERS, ROWS = 2048, 8, (1, 32)
+INT4_ROWS = (1, 8, 32)
+BF16_8 = "bfloat16 at 8 rows"
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,8 @@ class Choice:
     ms: dict[str, list[float]]  # per dtype: the workload's time at 1 row and at 32 rows (bf16 without oneDNN: 1 row)
     why: str
     onednn_min_tokens: int = 0  # forwards of fewer tokens run with oneDNN off (0: never off)
+    int4: bool = False  # 4-bit weights through the packed int4 kernel beat bf16 at one row (quant.py)
+    int4_dense_from: int = 0  # forwards of this many rows or more are faster on bf16 weights (0: never)
 
 
 def native_bf16() -> bool:
@@ -90,11 +100,29 @@ def choose(ms: dict[str, list[float]]) -> Choice:
     why = (f"bf16 takes {ratio:.2f}x fp32's time (1 row: {ms['bfloat16'][0]:.1f} against {ms['float32'][0]:.1f} ms; "
            f"32 rows: {ms['bfloat16'][1]:.1f} against {ms['float32'][1]:.1f} ms): "
            + ("bf16" if faster else f"fp32 (bf16 must be under {MARGIN}x)"))
+    dtype = "bfloat16" if faster else "float32"
     plain = ms.get(PLAIN)
-    if faster and plain and plain[0] < MARGIN * ms["bfloat16"][0]:
+    onednn_off = faster and plain is not None and plain[0] < MARGIN * ms["bfloat16"][0]
+    if onednn_off:
         why += f"; one-token forwards without oneDNN ({plain[0]:.1f} against {ms['bfloat16'][0]:.1f} ms)"
-        return Choice("bfloat16", ms, why, onednn_min_tokens=2)
-    return Choice("bfloat16" if faster else "float32", ms, why)
+    int4, dense_from = ms.get("int4"), 0
+    if int4 is not None and dtype == "bfloat16":
+        bf16 = [min(ms["bfloat16"][0], plain[0]) if onednn_off else ms["bfloat16"][0],
+                ms.get(BF16_8, [math.inf])[0], ms["bfloat16"][1]]
+        # taken where it wins at one row by the margin; bf16 weights beside it from the first row count where bf16
+        # wins by the margin
+        takes_int4 = int4[0] < MARGIN * bf16[0]
+        loses = [r for r, t, b in zip(INT4_ROWS, int4, bf16, strict=True) if b < MARGIN * t]
+        dense_from = loses[0] if takes_int4 and loses else 0
+        why += (f"; 4-bit weights (packed int4 kernel) at 1/8/32 rows: {'/'.join(f'{t:.1f}' for t in int4)} ms "
+                f"against bf16's {'/'.join(f'{t:.1f}' for t in bf16)}: "
+                + ("not faster at one row, not used unless asked for" if not takes_int4 else
+                   "used for 4-bit GGUF files" + (f", with bf16 weights beside them from {dense_from} rows"
+                                                  if dense_from else "")))
+    else:
+        takes_int4 = False
+    return Choice(dtype, ms, why, onednn_min_tokens=2 if onednn_off else 0, int4=takes_int4,
+                  int4_dense_from=dense_from)
 
 
 def measure(repeats: int = 5) -> dict[str, list[float]]:
@@ -102,14 +130,16 @@ def measure(repeats: int = 5) -> dict[str, list[float]]:
     bf16, also bf16 at one row with oneDNN off."""
     gen = torch.Generator().manual_seed(0)
 
-    def timed(weights: list[torch.Tensor], rows: int) -> float:
-        x = torch.randn(rows, WIDTH, generator=gen).to(weights[0].dtype)
+    def timed(weights: list, rows: int) -> float:
+        """`weights`: tensors, or layers (4-bit ones) to call."""
+        dtype = weights[0].dtype if isinstance(weights[0], torch.Tensor) else torch.bfloat16
+        x = torch.randn(rows, WIDTH, generator=gen).to(dtype)
         runs = []
         with torch.inference_mode():
             for _ in range(repeats + 1):  # the first warms the kernels and the caches
                 start = time.perf_counter()
                 for w in weights:
-                    torch.nn.functional.linear(x, w)
+                    torch.nn.functional.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
                 runs.append(time.perf_counter() - start)
         return round(1000 * min(runs[1:]), 2)  # the least disturbed: servers may be loading beside the probe
 
@@ -117,9 +147,22 @@ def measure(repeats: int = 5) -> dict[str, list[float]]:
     for dtype in (torch.float32, torch.bfloat16):
         weights = [torch.randn(WIDTH, WIDTH, generator=gen).to(dtype) for _ in range(LAYERS)]
         out[str(dtype).removeprefix("torch.")] = [timed(weights, rows) for rows in ROWS]
-        if dtype == torch.bfloat16 and native_bf16():
-            with onednn(False):
-                out[PLAIN] = [timed(weights, 1)]
+        if dtype == torch.bfloat16:
+            out[BF16_8] = [timed(weights, 8)]
+            if native_bf16():
+                with onednn(False):
+                    out[PLAIN] = [timed(weights, 1)]
+    if hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        from .quant import Int4Linear
+
+        layers = []
+        for _ in range(LAYERS):
+            linear = torch.nn.Linear(WIDTH, WIDTH, bias=False, dtype=torch.bfloat16)
+            torch.nn.init.normal_(linear.weight, generator=gen)
+            layers.append(Int4Linear(linear))
+        with onednn(False):  # as a one-token forward runs it where oneDNN is switched off for those
+            one = timed(layers, 1)
+        out["int4"] = [one] + [timed(layers, rows) for rows in INT4_ROWS[1:]]
     return out
 
 

@@ -38,6 +38,7 @@ from ..config import Settings, model_path_problem
 from ..families import FAMILIES, Family, detect
 from .checkpoint import TOKENIZER_FILES, has_tokenizer, sentencepiece_mismatch, weight_files, weights_dtype
 from .cpu import Choice, cpu_dtype
+from .quant import quantize_int4
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,41 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def gguf_file(settings: Settings) -> Path:
+    return Path(settings.model) if settings.model else default_gguf()
+
+
+def four_bit_gguf(path: Path) -> bool:
+    """Whether most of a GGUF file's matrix weights are 4-bit (Q4_0, Q4_1, Q4_K): then `--quantization int4` keeps
+    them (exactly for Q4_1, whose groups of 32 are int4's) rather than widening them to 16 or 32 bits."""
+    from gguf import GGUFReader
+
+    sizes: dict[bool, int] = {True: 0, False: 0}
+    for t in GGUFReader(str(path)).tensors:
+        if len(t.shape) == 2:
+            sizes[t.tensor_type.name in ("Q4_0", "Q4_1", "Q4_K")] += int(t.n_elements)
+    return sizes[True] > sizes[False]
+
+
+def auto_int4(settings: Settings, dev: torch.device, gguf: bool) -> bool:
+    """--quantization auto: int4 for a 4-bit GGUF file served on CPU at --dtype auto, where the probe found the
+    packed int4 kernel faster than the dtype it chose (cpu.py); otherwise the weights as loaded."""
+    return (gguf and dev.type == "cpu" and settings.dtype == "auto" and settings.device_map is None
+            and hasattr(torch, "_weight_int4pack_mm_for_cpu") and cpu_choice().int4
+            and four_bit_gguf(gguf_file(settings)))
+
+
+def check_int4(settings: Settings, dev: torch.device) -> None:
+    """--quantization int4 runs PyTorch's packed int4 kernel for CPUs (quant.py), on one CPU device."""
+    if dev.type != "cpu":
+        raise ModelLoadError("--quantization int4 runs on CPU (PyTorch's packed int4 kernel for CPUs); on a GPU use "
+                             "--quantization 4bit (bitsandbytes NF4)")
+    if settings.device_map is not None:
+        raise ModelLoadError("--quantization int4 runs on one CPU device: drop --device-map")
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        raise ModelLoadError("--quantization int4 needs torch._weight_int4pack_mm_for_cpu (PyTorch 2.5 or newer)")
 
 
 def quantization_config(kind: str, dtype: torch.dtype) -> Any:
@@ -479,7 +515,7 @@ def placement(settings: Settings, dev: torch.device) -> dict[str, Any]:
     """Where from_pretrained puts the weights. On one GPU, straight there (`device_map={"": dev}`): through host
     memory first would take the model's size in RAM and about twice the time. With --device-map or bitsandbytes,
     accelerate places them. On CPU they load where they are used."""
-    if settings.device_map is not None or settings.quantization != "none":
+    if settings.device_map is not None or settings.quantization in ("8bit", "4bit"):
         out: dict[str, Any] = {"device_map": settings.device_map or {"": dev.index or 0}}
         if settings.max_memory:
             out["max_memory"] = parse_max_memory(settings.max_memory)
@@ -533,7 +569,13 @@ def load(settings: Settings) -> Loaded:
     # GGUF weights are quantized (4 to 8 bits): bf16 holds them as well as fp32 does, in half the bytes
     dtype = resolve_dtype(settings.dtype, dev, torch.bfloat16 if gguf else stored)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if settings.quantization != "none":
+    chosen_int4 = settings.quantization == "auto" and auto_int4(settings, dev, gguf)
+    int4 = settings.quantization == "int4" or chosen_int4
+    if int4:
+        check_int4(settings, dev)
+        # the kernel takes bf16 activations; a GGUF's 4-bit weights come back exactly from their fp32 dequantization
+        kwargs["dtype"], dtype = torch.float32 if gguf else dtype, torch.bfloat16
+    elif settings.quantization in ("8bit", "4bit"):
         if dev.type != "cuda" and torch.cuda.is_available():  # bitsandbytes would put the weights on GPU 0 anyway
             raise ModelLoadError(f"--quantization {settings.quantization} runs on a CUDA GPU only, not with --device "
                                  f"{settings.device}: drop one of the two")
@@ -543,6 +585,19 @@ def load(settings: Settings) -> Loaded:
     net = _network(source, config, kwargs)
     if "device_map" not in kwargs:
         net.to(dev)
+    if int4:
+        # chosen by the probe: bf16 weights kept beside the 4-bit ones for the row counts where they are faster
+        dense_from = cpu_choice().int4_dense_from if chosen_int4 else 0
+        errors = quantize_int4(net, dense_from)
+        net.to(torch.bfloat16)
+        log.info("int4 (--quantization %s): %d linear layers' weights kept as 4-bit integers in groups of 32 (%s), "
+                 "multiplied by torch._weight_int4pack_mm_for_cpu through its %s kernel%s; largest rounding error "
+                 "%.3g%s", settings.quantization, len(errors),
+                 "the GGUF's own Q4_1 values" if gguf and not any(errors.values()) else "rounded to 16 levels a group",
+                 torch.backends.cpu.get_cpu_capability(),
+                 f", and as bf16 for forwards of {dense_from} rows or more" if dense_from else "",
+                 max(errors.values(), default=0.0),
+                 " (none: the weights were 4-bit already)" if not any(errors.values()) else "")
     seconds = time.perf_counter() - started
     net.eval()
     if family.placeholder_eos:

@@ -4,7 +4,7 @@ measurement of this machine."""
 
 import logging
 
-from server.engine.cpu import PLAIN, Cpu, choose, cpu_dtype, measure, native_bf16, read_cpu
+from server.engine.cpu import BF16_8, PLAIN, Cpu, choose, cpu_dtype, measure, native_bf16, read_cpu
 
 AVX2_EPYC = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -42,6 +42,20 @@ def test_bf16_is_chosen_only_where_it_is_faster_by_the_margin():
     assert choose({"float32": [5.0, 20.0], "bfloat16": [9.0, 80.0]}).dtype == "float32"  # slower at both
 
 
+def test_4_bit_weights_are_chosen_where_they_beat_bf16_at_one_row_and_keep_bf16_beside_them_where_it_wins():
+    ms = {"float32": [7.2, 21.1], "bfloat16": [5.2, 7.3], "bfloat16 at 8 rows": [4.0],
+          "bfloat16 without oneDNN": [3.2]}  # bf16 at its best: 3.2 ms at one row (without oneDNN), 4.0 at 8, 7.3 at 32
+    both = choose({**ms, "int4": [1.5, 3.8, 12.0]})  # this project's AVX-512 EPYC: bf16 far ahead at 32 rows
+    assert both.int4 and both.int4_dense_from == 32 and "bf16 weights beside them from 32 rows" in both.why
+    assert both.dtype == "bfloat16" and both.onednn_min_tokens == 2
+    assert choose({**ms, "int4": [1.5, 5.0, 12.0]}).int4_dense_from == 8
+    assert choose({**ms, "int4": [1.5, 3.0, 7.5]}).int4_dense_from == 0  # within the margin everywhere: 4-bit only
+    assert not choose({**ms, "int4": [3.0, 3.0, 7.0]}).int4  # 0.94x at one row: not enough
+    assert not choose(ms).int4  # no kernel: never
+    fp32 = {"float32": [5.0, 20.0], "bfloat16": [9.0, 80.0], "bfloat16 at 8 rows": [30.0], "int4": [1.0, 2.0, 5.0]}
+    assert not choose(fp32).int4  # where fp32 was chosen, the model does not run in bf16: not mixed
+
+
 def test_the_choice_is_measured_once_per_cpu_and_kept(tmp_path, caplog):
     calls = []
 
@@ -76,5 +90,5 @@ def test_a_cache_folder_that_cannot_be_written_only_costs_a_measurement(tmp_path
 def test_this_machine_is_measured():
     ms = measure(repeats=1)
     print(f"this CPU: {read_cpu()}, {ms}: {choose(ms).why}")
-    assert set(ms) == {"float32", "bfloat16"} | ({PLAIN} if native_bf16() else set())
+    assert set(ms) == {"float32", "bfloat16", BF16_8, "int4"} | ({PLAIN} if native_bf16() else set())
     assert all(t > 0 for times in ms.values() for t in times)

@@ -1,0 +1,92 @@
+"""4-bit weights on CPU: `--quantization int4` keeps each decoder linear layer's weights as 4-bit integers in groups
+of 32 along the input, with a scale and an offset per group, and multiplies through PyTorch's packed int4 kernel for
+CPUs (`torch._weight_int4pack_mm_for_cpu`: AVX-512 where the CPU has it, else AVX2; bf16 activations).
+
+The format is GGUF's Q4_1 (w = d * q + m, q in 0..15, 32 weights a group) in another layout: a Q4_1 checkpoint (the
+embedded default model) dequantized on load has in every group its minimum at q = 0 and its maximum at q = 15, so
+the group's d and m, and every q, come back exactly and the model runs on the very weights the file holds. Other
+checkpoints are rounded to the nearest of 16 levels between each group's minimum and maximum. The output layer and
+the embeddings stay as they are (GGUF keeps them at 8 bits or more too).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+GROUP = 32  # weights per scale and offset, along the input: Q4_1's block
+_MID = 8  # the kernel's dequantization: (q - 8) * scale + zero
+
+
+def pack(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(out, in) float weights -> the kernel's packed 4-bit weights, its (in / GROUP, out, 2) scales and zeros in
+    `dtype`, and the largest difference between the weights and what the packed ones stand for."""
+    w = weight.float()
+    groups = w.unflatten(1, (-1, GROUP))  # (out, in / GROUP, GROUP)
+    low, high = groups.amin(dim=2, keepdim=True), groups.amax(dim=2, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = ((groups - low) / scale).round().clamp(0, 15)
+    error = float((q * scale + low - groups).abs().max())
+    tiles = 4 if w.shape[1] % (4 * 16) == 0 else 2
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.flatten(1).to(torch.int32), tiles)
+    zero = low + _MID * scale  # (q - 8) * scale + zero == q * scale + low
+    scales_zeros = torch.stack([scale.squeeze(2), zero.squeeze(2)], dim=2).transpose(0, 1).contiguous().to(dtype)
+    return packed, scales_zeros, error
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor | None:
+    """A linear layer's (out, in) weight: torch's Linear, or transformers' Conv1D (GPT-2, PolyLM), which stores it
+    transposed; None for anything else."""
+    if isinstance(module, torch.nn.Linear):
+        return module.weight
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    return None
+
+
+class Int4Linear(torch.nn.Module):
+    """A linear layer on 4-bit weights. With `dense_from`, it also keeps the 16-bit weights and multiplies forwards
+    of that many rows or more with them: the packed kernel reads a quarter of the bytes, which is what a step of
+    one or a few rows waits for, while many rows are bound by arithmetic, where oneDNN's bf16 kernels are faster."""
+
+    def __init__(self, linear: torch.nn.Module, dense_from: int = 0) -> None:
+        super().__init__()
+        weight = _weight(linear).detach()
+        self.dense_from = dense_from
+        self.register_buffer("dense", weight.to(torch.bfloat16) if dense_from else None, persistent=False)
+        self.out_features, self.in_features = weight.shape
+        dtype = weight.dtype if weight.dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
+        packed, scales_zeros, self.error = pack(weight, dtype)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(self.scales_zeros.dtype)
+        if self.dense is not None and flat.shape[0] >= self.dense_from:
+            y = torch.nn.functional.linear(flat, self.dense)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def quantizable(module: torch.nn.Module) -> bool:
+    weight = _weight(module)
+    return weight is not None and weight.shape[1] % (2 * 16) == 0 and weight.shape[0] % 16 == 0
+
+
+def quantize_int4(model: torch.nn.Module, dense_from: int = 0) -> dict[str, float]:
+    """Replace the decoder's linear layers (not the output layer) with Int4Linear, in place (keeping bf16 weights
+    too for forwards of `dense_from` rows or more, where it is not 0); returns each one's largest rounding error
+    (0 where the weights were 4-bit already)."""
+    head = model.get_output_embeddings()
+    errors = {}
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child is not head and quantizable(child):
+                q = Int4Linear(child, dense_from)
+                setattr(module, child_name, q)
+                errors[f"{name}.{child_name}".lstrip(".")] = q.error
+    return errors
