@@ -545,6 +545,51 @@ def bare_forward_ms(model, tok, steps: int = 64) -> float:
     return round(pct(times, 0.5), 2)
 
 
+def profile_step(rows: int, steps: int = 10) -> dict:
+    """Where a decode step of `rows` rows goes, in this process, with the model loaded as the server loads it (the
+    default model, --dtype auto, --quantization auto): the median step, the operators it runs, and their own time
+    by kind: the matrix products (dense and 4-bit), attention, and the rest (norms, rotary embeddings, the
+    residual adds, copies into the cache: operators whose time is mostly the framework's per-call cost), each
+    operator's own time (not its callees'); `ops_per_step` counts aten operator calls, nested ones included."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+
+    from server.config import Settings
+    from server.engine.loader import load
+
+    loaded = load(Settings())
+    model = loaded.model
+    kinds = {"matmul": ("aten::mm", "aten::addmm", "aten::linear", "aten::_weight_int4pack_mm_for_cpu",
+                        "aten::matmul", "aten::bmm", "mkldnn"),
+             "attention": ("scaled_dot_product", "_scaled_dot_product")}
+    with torch.inference_mode():
+        cache = DynamicCache()
+        logits = model(input_ids=torch.randint(100, 1000, (rows, 40)), past_key_values=cache, use_cache=True).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        torch.backends.mkldnn.enabled = rows >= (loaded.onednn_min_tokens or 1)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            token = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(
+                -1, keepdim=True)
+            times.append(1000 * (time.perf_counter() - start))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                token = model(input_ids=token, past_key_values=cache, use_cache=True,
+                              logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        torch.backends.mkldnn.enabled = True
+    out = {"rows": rows, "step_ms": round(pct(times, 0.5), 2), "ops_per_step": 0, "ms_per_step": {}}
+    by_kind = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        kind = next((k for k, names in kinds.items() if any(n in e.key for n in names)), "other")
+        by_kind[kind] += e.self_cpu_time_total / 1000 / steps
+        out["ops_per_step"] += e.count / steps if e.key.startswith("aten::") else 0
+    out["ms_per_step"] = {k: round(v, 2) for k, v in by_kind.items()}
+    out["ops_per_step"] = round(out["ops_per_step"])
+    return out
+
+
 def memory_bandwidth_gbs(device: str = "cpu") -> float:
     """Copy 1 GiB a few times (4 GiB, 20 times, device to device, on a GPU); a copy reads and writes every byte."""
     import torch
@@ -698,12 +743,20 @@ def main() -> None:
     ap.add_argument("--lookup-clients", default="1,8", help="concurrencies of the prompt-lookup run: tasks whose "
                     "answers repeat their prompt, with prompt_lookup 0 and --lookup-k (empty: skip)")
     ap.add_argument("--lookup-k", type=int, default=4)
+    ap.add_argument("--profile-rows", default="", help="profile a decode step of the default model at these rows "
+                    "in process (e.g. 1,32): operators per step and their time by kind; then exit")
     ap.add_argument("--step-probe", help=argparse.SUPPRESS)  # internal: run step_probe on this tree, print JSON
     args = ap.parse_args()
     if args.step_probe:
         print(json.dumps(step_probe(Path(args.step_probe), args.step_rows)))
         return
     sys.path.insert(0, str(ROOT))
+    if args.profile_rows:
+        found = [profile_step(int(r)) for r in args.profile_rows.split(",")]
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "step-profile.json").write_text(json.dumps(found, indent=1) + "\n")
+        print(json.dumps(found, indent=1))
+        return
     import torch
 
     from server.engine.loader import default_gguf, gguf_to_hf_dir

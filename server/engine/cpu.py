@@ -44,7 +44,7 @@ FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", 
             "avx_vnni": "AVX-VNNI", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
 MARGIN = 0.9  # bf16 is taken when its time is under 90% of fp32's (and torch's kernels at one row under 90% of oneDNN's)
 PLAIN = "bfloat16 without oneDNN"
-PROBE = 4  # the probe's version: kept results of another are measured again
+PROBE = 5  # the probe's version: kept results of another are measured again
 WIDTH, LAYERS, ROWS = 2048, 8, (1, 32)
 INT4_ROWS = (1, 8, 32)
 BF16_8 = "bfloat16 at 8 rows"
