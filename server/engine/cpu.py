@@ -14,11 +14,12 @@ of the default model, 94 ms a step against 288 through torch's own kernels); but
 reads the weights faster (19 ms a step against 37). The probe times that too, and where it pays, forwards of one
 token (one stream decoding alone) run with oneDNN switched off (`onednn_min_tokens`).
 
-It also times the same layers as 4-bit weights through PyTorch's packed int4 kernel (quant.py) at 1, 8 and 32 rows,
+It also times the same layers as 4-bit weights through PyTorch's packed int4 kernel (quant.py) at 1, 8, 32 and 128
+rows,
 against bf16 at its best. Where they win at one row by MARGIN, a GGUF file whose weights are 4-bit runs on them
-(`--quantization auto`), keeping the file's own values; where bf16 wins by MARGIN from 8 or 32 rows up (oneDNN's
-kernels compute faster than the packed kernel unpacks), the layers keep bf16 weights beside the 4-bit ones for
-forwards of that many rows (`int4_dense_from`).
+(`--quantization auto`), keeping the file's own values; where bf16 wins by MARGIN from 8, 32 or 128 rows up
+(oneDNN's kernels compute faster than the packed kernel unpacks: prompt chunks, many streams), the layers keep bf16
+weights beside the 4-bit ones for forwards of that many rows (`int4_dense_from`).
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", 
             "avx_vnni": "AVX-VNNI", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
 MARGIN = 0.9  # bf16 is taken when its time is under 90% of fp32's (and torch's kernels at one row under 90% of oneDNN's)
 PLAIN = "bfloat16 without oneDNN"
-PROBE = 5  # the probe's version: kept results of another are measured again
+PROBE = 6  # the probe's version: kept results of another are measured again
 WIDTH, LAYERS, ROWS = 2048, 8, (1, 32)
-INT4_ROWS = (1, 8, 32)
-BF16_8 = "bfloat16 at 8 rows"
+INT4_ROWS = (1, 8, 32, 128)  # 128: a prompt chunk's forward
+BF16_8 = "bfloat16 at 8 and 128 rows"
 
 
 @dataclass(frozen=True)
@@ -107,14 +108,15 @@ def choose(ms: dict[str, list[float]]) -> Choice:
         why += f"; one-token forwards without oneDNN ({plain[0]:.1f} against {ms['bfloat16'][0]:.1f} ms)"
     int4, dense_from = ms.get("int4"), 0
     if int4 is not None and dtype == "bfloat16":
-        bf16 = [min(ms["bfloat16"][0], plain[0]) if onednn_off else ms["bfloat16"][0],
-                ms.get(BF16_8, [math.inf])[0], ms["bfloat16"][1]]
+        more = ms.get(BF16_8, [math.inf, math.inf])
+        bf16 = [min(ms["bfloat16"][0], plain[0]) if onednn_off else ms["bfloat16"][0], more[0], ms["bfloat16"][1],
+                more[1]]
         # taken where it wins at one row by the margin; bf16 weights beside it from the first row count where bf16
         # wins by the margin
         takes_int4 = int4[0] < MARGIN * bf16[0]
         loses = [r for r, t, b in zip(INT4_ROWS, int4, bf16, strict=True) if b < MARGIN * t]
         dense_from = loses[0] if takes_int4 and loses else 0
-        why += (f"; 4-bit weights (packed int4 kernel) at 1/8/32 rows: {'/'.join(f'{t:.1f}' for t in int4)} ms "
+        why += (f"; 4-bit weights (packed int4 kernel) at 1/8/32/128 rows: {'/'.join(f'{t:.1f}' for t in int4)} ms "
                 f"against bf16's {'/'.join(f'{t:.1f}' for t in bf16)}: "
                 + ("not faster at one row, not used unless asked for" if not takes_int4 else
                    "used for 4-bit GGUF files" + (f", with bf16 weights beside them from {dense_from} rows"
@@ -148,7 +150,7 @@ def measure(repeats: int = 5) -> dict[str, list[float]]:
         weights = [torch.randn(WIDTH, WIDTH, generator=gen).to(dtype) for _ in range(LAYERS)]
         out[str(dtype).removeprefix("torch.")] = [timed(weights, rows) for rows in ROWS]
         if dtype == torch.bfloat16:
-            out[BF16_8] = [timed(weights, 8)]
+            out[BF16_8] = [timed(weights, 8), timed(weights, 128)]
             if native_bf16():
                 with onednn(False):
                     out[PLAIN] = [timed(weights, 1)]
