@@ -45,7 +45,7 @@ FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", 
             "avx_vnni": "AVX-VNNI", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
 MARGIN = 0.9  # bf16 is taken when its time is under 90% of fp32's (and torch's kernels at one row under 90% of oneDNN's)
 PLAIN = "bfloat16 without oneDNN"
-PROBE = 6  # the probe's version: kept results of another are measured again
+PROBE = 7  # the probe's version: kept results of another are measured again
 WIDTH, LAYERS, ROWS = 2048, 8, (1, 32)
 INT4_ROWS = (1, 8, 32, 128)  # 128: a prompt chunk's forward
 BF16_8 = "bfloat16 at 8 and 128 rows"
@@ -111,11 +111,11 @@ def choose(ms: dict[str, list[float]]) -> Choice:
         more = ms.get(BF16_8, [math.inf, math.inf])
         bf16 = [min(ms["bfloat16"][0], plain[0]) if onednn_off else ms["bfloat16"][0], more[0], ms["bfloat16"][1],
                 more[1]]
-        # taken where it wins at one row by the margin; bf16 weights beside it from the first row count where bf16
-        # wins by the margin
+        # taken where it wins at one row by the margin; bf16 weights beside it from where bf16 wins by the margin
         takes_int4 = int4[0] < MARGIN * bf16[0]
-        loses = [r for r, t, b in zip(INT4_ROWS, int4, bf16, strict=True) if b < MARGIN * t]
-        dense_from = loses[0] if takes_int4 and loses else 0
+        loses = [i for i, (t, b) in enumerate(zip(int4, bf16, strict=True)) if b < MARGIN * t]
+        # between the last row count where 4-bit held and the first where bf16 won: halfway, on a log scale
+        dense_from = round(math.sqrt(INT4_ROWS[loses[0] - 1] * INT4_ROWS[loses[0]])) if takes_int4 and loses else 0
         why += (f"; 4-bit weights (packed int4 kernel) at 1/8/32/128 rows: {'/'.join(f'{t:.1f}' for t in int4)} ms "
                 f"against bf16's {'/'.join(f'{t:.1f}' for t in bf16)}: "
                 + ("not faster at one row, not used unless asked for" if not takes_int4 else

@@ -32,7 +32,7 @@ from .speculative import PromptLookup
 
 log = logging.getLogger(__name__)
 
-MAX_VERIFY_TOKENS = 16  # prompt lookup drafts only while rows x (draft + 1) stays within this (speculative.py)
+MAX_VERIFY_TOKENS = 8  # prompt lookup drafts only while rows x (draft + 1) stays within this (speculative.py)
 TRIM_SECONDS = 60.0  # how often, while busy, freed memory goes back to the OS (and always when the engine idles)
 
 
@@ -347,7 +347,7 @@ class Engine:
                        self.config.max_model_len - batch.width - 1)
             drafts.append(seq.lookup.draft(min(self._draft_len(seq.request.params), room)) if room > 0 else [])
         # the check costs a forward of rows x (draft + 1) tokens: worth it while that stays small (on a 2-core CPU,
-        # 8 rows with 4-token drafts lost 14% where one row gained up to 1.9x)
+        # 8 rows lost 14% with 4-token drafts and 4 to 27% with 1-token ones, where one row gained up to 1.9x)
         k = min(max(len(d) for d in drafts), MAX_VERIFY_TOKENS // len(batch) - 1)
         if k < 1 or not any(drafts):
             return None
