@@ -38,7 +38,7 @@ from ..config import Settings, model_path_problem
 from ..families import FAMILIES, Family, detect
 from .checkpoint import TOKENIZER_FILES, has_tokenizer, sentencepiece_mismatch, weight_files, weights_dtype
 from .cpu import Choice, cpu_dtype
-from .quant import off_main_thread, quantize_int4
+from .quant import quantize_int4
 
 log = logging.getLogger(__name__)
 
@@ -588,7 +588,8 @@ def load(settings: Settings) -> Loaded:
     if int4:
         # chosen by the probe: bf16 weights kept beside the 4-bit ones for the row counts where they are faster
         dense_from = cpu_choice().int4_dense_from if chosen_int4 else 0
-        errors = off_main_thread(lambda: (quantize_int4(net, dense_from), net.to(torch.bfloat16))[0])
+        errors = quantize_int4(net, dense_from)
+        net.to(torch.bfloat16)
         log.info("int4 (--quantization %s): %d linear layers' weights kept as 4-bit integers in groups of 32 (%s), "
                  "multiplied by torch._weight_int4pack_mm_for_cpu through its %s kernel%s; largest rounding error "
                  "%.3g%s", settings.quantization, len(errors),

@@ -83,8 +83,7 @@ def quantizable(module: torch.nn.Module) -> bool:
 def quantize_int4(model: torch.nn.Module, dense_from: int = 0) -> dict[str, float]:
     """Replace the decoder's linear layers (not the output layer) with Int4Linear, in place (keeping bf16 weights
     too for forwards of `dense_from` rows or more, where it is not 0); returns each one's largest rounding error
-    (0 where the weights were 4-bit already). Not on the main thread where another thread runs the forwards: see
-    `off_main_thread`."""
+    (0 where the weights were 4-bit already)."""
     head = model.get_output_embeddings()
     errors = {}
     for name, module in list(model.named_modules()):
@@ -95,26 +94,3 @@ def quantize_int4(model: torch.nn.Module, dense_from: int = 0) -> dict[str, floa
                 errors[f"{name}.{child_name}".lstrip(".")] = q.error
     return errors
 
-
-def off_main_thread(work):
-    """Run `work()` on a thread of its own and return its result. Packed on the process's main thread, the 4-bit
-    layers then multiplied at half the speed on the engine's thread (a decode step of the default model: 41 ms
-    against 18 on a 2-core AMD EPYC, measured; packed on any other thread, 18 ms on both). The main thread's
-    OpenMP team is what differs; the cause inside the runtime was not found."""
-    import threading
-
-    out: list = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            out.append(work())
-        except BaseException as e:  # re-raised on the caller's thread
-            errors.append(e)
-
-    thread = threading.Thread(target=run, name="int4-pack")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return out[0]

@@ -108,3 +108,15 @@ def test_int4_is_refused_where_its_kernel_does_not_run():
         check_int4(Settings(quantization="int4", device_map="auto"), torch.device("cpu"))
     with pytest.raises(ModelLoadError, match="runs on CPU"):
         check_int4(Settings(quantization="int4"), torch.device("cuda"))
+
+
+def test_auto_keeps_a_4_bit_gguf_4_bit_only_where_the_probe_chose_it(monkeypatch):
+    from server.engine import loader
+    from server.engine.cpu import Choice
+
+    cpu = torch.device("cpu")
+    for probe_says in (True, False):
+        monkeypatch.setattr(loader, "cpu_choice", lambda p=probe_says: Choice("bfloat16", {}, "", int4=p))
+        assert loader.auto_int4(Settings(), cpu, gguf=True) is probe_says  # the embedded default: Q4_1
+    assert not loader.auto_int4(Settings(dtype="float32"), cpu, gguf=True)  # a dtype asked for is kept
+    assert not loader.auto_int4(Settings(), cpu, gguf=False)  # a checkpoint folder: int4 only when asked for
