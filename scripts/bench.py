@@ -670,6 +670,17 @@ def grammar_costs(tok, model) -> dict:
             "mask_us_per_row_step_p99": round(pct(times, 0.99), 1), "mask_steps": len(times)}
 
 
+def machine(device: str) -> str:
+    """The CPU's model and features (AVX2, AVX-512, bf16, VNNI, AMX) and cores, and the GPU where one is used."""
+    import torch
+
+    from server.engine.cpu import read_cpu
+
+    cpu = read_cpu()
+    return (f"{cpu.model} ({platform.machine()}; {', '.join(cpu.features) or 'no AVX2'}), {os.cpu_count()} cores"
+            + (f", {torch.cuda.get_device_name(device)}" if device != "cpu" else ""))
+
+
 def table(result: dict) -> str:
     lines = ["| target | new tokens | clients | tokens/s | TTFT p50 / p99 (ms) | inter-token p50 / p99 (ms) | peak memory (MiB) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -785,8 +796,7 @@ def main() -> None:
     lengths = [int(n) for n in args.max_tokens.split(",")]
     result: dict = {
         "model": gguf.stem if gguf else hf_dir.name, "device": device,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", ")
-        + (f", {torch.cuda.get_device_name(device)}" if device != "cpu" else ""),
+        "machine": machine(device),
         "date": time.strftime("%Y-%m-%d %H:%M"), "runs": [],
     }
     dtype = "float32"  # of this server's weights, read from its /v1/models; the in-process baselines use it too
