@@ -60,7 +60,7 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor, te
     draft's first i tokens; `drafts`: (rows, k), of which the first `lengths[row]` are real. Returns the number of
     draft tokens each row keeps, (rows,), and the tokens it takes, (rows, k + 1): the kept draft, then one more (the
     correction or the token after a fully kept draft); the rest is padding."""
-    rows, width, vocab = logits.shape
+    _, width, vocab = logits.shape
     k = width - 1
     real = torch.arange(k, device=logits.device).unsqueeze(0) < lengths.unsqueeze(1)  # (rows, k)
     tokens = logits.argmax(dim=-1)  # greedy rows: the argmax everywhere
