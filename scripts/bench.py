@@ -545,8 +545,8 @@ def bare_forward_ms(model, tok, steps: int = 64) -> float:
     return round(pct(times, 0.5), 2)
 
 
-def profile_step(rows: int, steps: int = 10) -> dict:
-    """Where a decode step of `rows` rows goes, in this process, with the model loaded as the server loads it (the
+def profile_step(loaded, rows: int, steps: int = 10) -> dict:
+    """Where a decode step of `rows` rows goes, in this process, with the model `loaded` as the server loads it (the
     default model, --dtype auto, --quantization auto): the median step, the operators it runs, and their own time
     by kind: the matrix products (dense and 4-bit), attention, and the rest (norms, rotary embeddings, the
     residual adds, copies into the cache: operators whose time is mostly the framework's per-call cost), each
@@ -555,19 +555,17 @@ def profile_step(rows: int, steps: int = 10) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from transformers import DynamicCache
 
-    from server.config import Settings
-    from server.engine.loader import load
+    from server.engine.cpu import onednn
 
-    loaded = load(Settings())
     model = loaded.model
     kinds = {"matmul": ("aten::mm", "aten::addmm", "aten::linear", "aten::_weight_int4pack_mm_for_cpu",
                         "aten::matmul", "aten::bmm", "mkldnn"),
              "attention": ("scaled_dot_product", "_scaled_dot_product")}
-    with torch.inference_mode():
+    # oneDNN as the runner sets it for a forward of `rows` tokens
+    with torch.inference_mode(), onednn(rows >= loaded.onednn_min_tokens):
         cache = DynamicCache()
         logits = model(input_ids=torch.randint(100, 1000, (rows, 40)), past_key_values=cache, use_cache=True).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
-        torch.backends.mkldnn.enabled = rows >= (loaded.onednn_min_tokens or 1)
         times = []
         for _ in range(steps):
             start = time.perf_counter()
@@ -578,16 +576,13 @@ def profile_step(rows: int, steps: int = 10) -> dict:
             for _ in range(steps):
                 token = model(input_ids=token, past_key_values=cache, use_cache=True,
                               logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
-        torch.backends.mkldnn.enabled = True
-    out = {"rows": rows, "step_ms": round(pct(times, 0.5), 2), "ops_per_step": 0, "ms_per_step": {}}
-    by_kind = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    by_kind, calls = {"matmul": 0.0, "attention": 0.0, "other": 0.0}, 0
     for e in prof.key_averages():
         kind = next((k for k, names in kinds.items() if any(n in e.key for n in names)), "other")
         by_kind[kind] += e.self_cpu_time_total / 1000 / steps
-        out["ops_per_step"] += e.count / steps if e.key.startswith("aten::") else 0
-    out["ms_per_step"] = {k: round(v, 2) for k, v in by_kind.items()}
-    out["ops_per_step"] = round(out["ops_per_step"])
-    return out
+        calls += e.count if e.key.startswith("aten::") else 0
+    return {"rows": rows, "step_ms": round(pct(times, 0.5), 2), "ops_per_step": round(calls / steps),
+            "ms_per_step": {k: round(v, 2) for k, v in by_kind.items()}}
 
 
 def memory_bandwidth_gbs(device: str = "cpu") -> float:
@@ -763,7 +758,11 @@ def main() -> None:
         return
     sys.path.insert(0, str(ROOT))
     if args.profile_rows:
-        found = [profile_step(int(r)) for r in args.profile_rows.split(",")]
+        from server.config import Settings
+        from server.engine.loader import load
+
+        loaded = load(Settings())
+        found = [profile_step(loaded, int(r)) for r in args.profile_rows.split(",")]
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "step-profile.json").write_text(json.dumps(found, indent=1) + "\n")
         print(json.dumps(found, indent=1))

@@ -15,8 +15,7 @@ reads the weights faster (19 ms a step against 37). The probe times that too, an
 token (one stream decoding alone) run with oneDNN switched off (`onednn_min_tokens`).
 
 It also times the same layers as 4-bit weights through PyTorch's packed int4 kernel (quant.py) at 1, 8, 32 and 128
-rows,
-against bf16 at its best. Where they win at one row by MARGIN, a GGUF file whose weights are 4-bit runs on them
+rows, against bf16 at its best. Where they win at one row by MARGIN, a GGUF file whose weights are 4-bit runs on them
 (`--quantization auto`), keeping the file's own values; where bf16 wins by MARGIN from 8, 32 or 128 rows up
 (oneDNN's kernels compute faster than the packed kernel unpacks: prompt chunks, many streams), the layers keep bf16
 weights beside the 4-bit ones for forwards of that many rows (`int4_dense_from`).
@@ -48,7 +47,7 @@ PLAIN = "bfloat16 without oneDNN"
 PROBE = 7  # the probe's version: kept results of another are measured again
 WIDTH, LAYERS, ROWS = 2048, 8, (1, 32)
 INT4_ROWS = (1, 8, 32, 128)  # 128: a prompt chunk's forward
-BF16_8 = "bfloat16 at 8 and 128 rows"
+BF16_MORE = "bfloat16 at 8 and 128 rows"
 
 
 @dataclass(frozen=True)
@@ -106,9 +105,9 @@ def choose(ms: dict[str, list[float]]) -> Choice:
     onednn_off = faster and plain is not None and plain[0] < MARGIN * ms["bfloat16"][0]
     if onednn_off:
         why += f"; one-token forwards without oneDNN ({plain[0]:.1f} against {ms['bfloat16'][0]:.1f} ms)"
-    int4, dense_from = ms.get("int4"), 0
+    int4, takes_int4, dense_from = ms.get("int4"), False, 0
     if int4 is not None and dtype == "bfloat16":
-        more = ms.get(BF16_8, [math.inf, math.inf])
+        more = ms.get(BF16_MORE, [math.inf, math.inf])
         bf16 = [min(ms["bfloat16"][0], plain[0]) if onednn_off else ms["bfloat16"][0], more[0], ms["bfloat16"][1],
                 more[1]]
         # taken where it wins at one row by the margin; bf16 weights beside it from where bf16 wins by the margin
@@ -121,15 +120,14 @@ def choose(ms: dict[str, list[float]]) -> Choice:
                 + ("not faster at one row, not used unless asked for" if not takes_int4 else
                    "used for 4-bit GGUF files" + (f", with bf16 weights beside them from {dense_from} rows"
                                                   if dense_from else "")))
-    else:
-        takes_int4 = False
     return Choice(dtype, ms, why, onednn_min_tokens=2 if onednn_off else 0, int4=takes_int4,
                   int4_dense_from=dense_from)
 
 
 def measure(repeats: int = 5) -> dict[str, list[float]]:
-    """Fastest ms of one pass through the LAYERS layers, per dtype, at each of ROWS rows; where oneDNN computes
-    bf16, also bf16 at one row with oneDNN off."""
+    """Fastest ms of one pass through the LAYERS layers, per dtype, at each of ROWS rows; bf16 also at 8 and 128
+    rows, and where oneDNN computes bf16, at one row with oneDNN off; where PyTorch has the packed int4 kernel, the
+    layers as 4-bit weights at each of INT4_ROWS rows."""
     gen = torch.Generator().manual_seed(0)
 
     def timed(weights: list, rows: int) -> float:
@@ -150,7 +148,7 @@ def measure(repeats: int = 5) -> dict[str, list[float]]:
         weights = [torch.randn(WIDTH, WIDTH, generator=gen).to(dtype) for _ in range(LAYERS)]
         out[str(dtype).removeprefix("torch.")] = [timed(weights, rows) for rows in ROWS]
         if dtype == torch.bfloat16:
-            out[BF16_8] = [timed(weights, 8), timed(weights, 128)]
+            out[BF16_MORE] = [timed(weights, 8), timed(weights, 128)]
             if native_bf16():
                 with onednn(False):
                     out[PLAIN] = [timed(weights, 1)]

@@ -200,10 +200,10 @@ def four_bit_gguf(path: Path) -> bool:
 
 def auto_int4(settings: Settings, dev: torch.device, gguf: bool) -> bool:
     """--quantization auto: int4 for a 4-bit GGUF file served on CPU at --dtype auto, where the probe found the
-    packed int4 kernel faster than the dtype it chose (cpu.py); otherwise the weights as loaded."""
+    packed int4 kernel faster than bf16 (cpu.py: it times the kernel only where PyTorch has it); otherwise the
+    weights as loaded."""
     return (gguf and dev.type == "cpu" and settings.dtype == "auto" and settings.device_map is None
-            and hasattr(torch, "_weight_int4pack_mm_for_cpu") and cpu_choice().int4
-            and four_bit_gguf(gguf_file(settings)))
+            and cpu_choice().int4 and four_bit_gguf(gguf_file(settings)))
 
 
 def check_int4(settings: Settings, dev: torch.device) -> None:
@@ -590,14 +590,14 @@ def load(settings: Settings) -> Loaded:
         dense_from = cpu_choice().int4_dense_from if chosen_int4 else 0
         errors = quantize_int4(net, dense_from)
         net.to(torch.bfloat16)
+        worst = max(errors.values(), default=0.0)
         log.info("int4 (--quantization %s): %d linear layers' weights kept as 4-bit integers in groups of 32 (%s), "
                  "multiplied by torch._weight_int4pack_mm_for_cpu through its %s kernel%s; largest rounding error "
                  "%.3g%s", settings.quantization, len(errors),
-                 "the GGUF's own Q4_1 values" if gguf and not any(errors.values()) else "rounded to 16 levels a group",
+                 "the GGUF's own Q4_1 values" if gguf and worst == 0 else "rounded to 16 levels a group",
                  torch.backends.cpu.get_cpu_capability(),
-                 f", and as bf16 for forwards of {dense_from} rows or more" if dense_from else "",
-                 max(errors.values(), default=0.0),
-                 " (none: the weights were 4-bit already)" if not any(errors.values()) else "")
+                 f", and as bf16 for forwards of {dense_from} rows or more" if dense_from else "", worst,
+                 " (none: the weights were 4-bit already)" if worst == 0 else "")
     seconds = time.perf_counter() - started
     net.eval()
     if family.placeholder_eos:

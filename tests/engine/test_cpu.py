@@ -4,7 +4,7 @@ measurement of this machine."""
 
 import logging
 
-from server.engine.cpu import BF16_8, PLAIN, Cpu, choose, cpu_dtype, measure, native_bf16, read_cpu
+from server.engine.cpu import BF16_MORE, PLAIN, Cpu, choose, cpu_dtype, measure, native_bf16, read_cpu
 
 AVX2_EPYC = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -94,5 +94,5 @@ def test_a_cache_folder_that_cannot_be_written_only_costs_a_measurement(tmp_path
 def test_this_machine_is_measured():
     ms = measure(repeats=1)
     print(f"this CPU: {read_cpu()}, {ms}: {choose(ms).why}")
-    assert set(ms) == {"float32", "bfloat16", BF16_8, "int4"} | ({PLAIN} if native_bf16() else set())
+    assert set(ms) == {"float32", "bfloat16", BF16_MORE, "int4"} | ({PLAIN} if native_bf16() else set())
     assert all(t > 0 for times in ms.values() for t in times)
