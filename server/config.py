@@ -40,6 +40,7 @@ class Settings:
     kv_cache_memory: str | None = None
     prefill_chunk: int = 64
     fuse_prefill: bool = True
+    native_decode: bool = True
     prefix_cache: bool = True
     prefix_cache_memory: str | None = None
     prompt_lookup: int = 0
@@ -102,6 +103,9 @@ HELP = {
     "fuse_prefill": "run the running rows' decode and the prompt chunks in one forward, for models that pass a "
     "start-up check (Llama, GPT-2 and other models on transformers' attention interface); --no-fuse-prefill runs "
     "two forwards a step",
+    "native_decode": "on CPU, decode Llama-shaped models (Llama, Mistral, Qwen2: the default model) through a step "
+    "written out on their weights, for models whose logits match transformers' forward at start-up "
+    "(server/engine/llama.py); --no-native-decode decodes through transformers' forward",
     "prefix_cache": "keep prompts' keys and values by blocks of 16 tokens and reuse them for later prompts that "
     "start the same way (a shared system prompt, a chat's earlier turns); --no-prefix-cache turns it off",
     "prefix_cache_memory": "bytes the prefix cache may hold, least recently used blocks evicted (e.g. 2GiB; "

@@ -58,6 +58,7 @@ def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
         max_waiting=settings.max_waiting,
         prefill_chunk=settings.prefill_chunk,
         fuse_prefill=settings.fuse_prefill,
+        native_decode=settings.native_decode,
         prefix_cache_bytes=prefix_bytes,
         onednn_min_tokens=loaded.onednn_min_tokens,
         prompt_lookup=settings.prompt_lookup,

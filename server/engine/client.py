@@ -30,6 +30,7 @@ class EngineConfig:
     prefill_chunk: int = 64  # prompt tokens fed per step while streams run
     eos_token_ids: tuple[int, ...] = ()  # end tokens besides the model's and tokenizer's (a family's)
     fuse_prefill: bool = True  # decode and prefill chunks in one forward, where the model passes the check
+    native_decode: bool = True  # on CPU, Llama-shaped models decode through llama.py, where they pass the check
     prefix_cache_bytes: int = 0  # the prefix cache's pool (prefix.py); 0: no prefix caching
     onednn_min_tokens: int = 0  # on CPU: forwards of fewer tokens run their bf16 matmuls without oneDNN (cpu.py)
     prompt_lookup: int = 0  # draft tokens a step for requests that do not say (speculative.py); 0: none

@@ -204,6 +204,10 @@ class Engine:
 
     # -- the engine thread ----------------------------------------------------------------
     def _loop(self) -> None:
+        if self.config.native_decode:
+            why = self.runner.enable_native()
+            log.info("decode step: %s", "written out for the model (llama.py)" if why is None
+                     else f"transformers' forward ({why})")
         if self.config.fuse_prefill:
             # checked here: forwards run on another thread first leave this one's OpenMP team half as fast
             fused = self.scheduler.fused = self.runner.enable_fused()

@@ -64,12 +64,49 @@ class Int4Linear(torch.nn.Module):
         self.register_buffer("scales_zeros", scales_zeros)
         self.bias = linear.bias
 
+    @classmethod
+    def joined(cls, parts: list[Int4Linear]) -> Int4Linear | None:
+        """One layer for several that read the same input (q, k and v; gate and up), their outputs side by side:
+        one kernel call instead of several. The parts' 4-bit (and bf16) weights become views of the joined layer's,
+        so no memory doubles; their scales are copied (the kernel reads them only contiguous). None where they
+        differ in kind, or where the packed layout does not join by rows: it is packed by blocks of output rows
+        (64 here), so parts whose sizes are not whole blocks cannot be, which a probe product checks."""
+        first = parts[0]
+        alike = {(p.dense_from, p.in_features, p.scales_zeros.dtype, p.dense is not None, p.bias is not None)
+                 for p in parts}
+        if len(alike) > 1:
+            return None
+        joined = cls.__new__(cls)
+        torch.nn.Module.__init__(joined)
+        joined.dense_from, joined.in_features = first.dense_from, first.in_features
+        joined.out_features = sum(p.out_features for p in parts)
+        joined.error = max(p.error for p in parts)
+        sizes = [p.out_features for p in parts]
+        for name, dim in (("packed", 0), ("dense", 0), ("scales_zeros", 1), ("bias", 0)):
+            tensors = [getattr(p, name) for p in parts]
+            whole = torch.cat(tensors, dim=dim) if tensors[0] is not None else None
+            if name == "bias":
+                joined.bias = whole
+            else:
+                joined.register_buffer(name, whole, persistent=False)
+        probe = torch.randn((2, first.in_features), generator=torch.Generator().manual_seed(0)).to(first.scales_zeros)
+        if not torch.equal(joined._packed_mm(probe), torch.cat([p._packed_mm(probe) for p in parts], dim=1)):
+            return None
+        for name in ("packed", "dense"):
+            if getattr(joined, name) is not None:
+                for p, view in zip(parts, getattr(joined, name).split(sizes), strict=True):
+                    setattr(p, name, view)
+        return joined
+
+    def _packed_mm(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.scales_zeros.dtype)
         if self.dense is not None and flat.shape[0] >= self.dense_from:
             y = torch.nn.functional.linear(flat, self.dense)
         else:
-            y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
+            y = self._packed_mm(flat)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -80,15 +117,15 @@ def quantizable(module: torch.nn.Module) -> bool:
     return weight is not None and weight.shape[1] % (2 * 16) == 0 and weight.shape[0] % 16 == 0
 
 
-def quantize_int4(model: torch.nn.Module, dense_from: int = 0) -> dict[str, float]:
-    """Replace the decoder's linear layers (not the output layer) with Int4Linear, in place (keeping bf16 weights
-    too for forwards of `dense_from` rows or more, where it is not 0); returns each one's largest rounding error
-    (0 where the weights were 4-bit already)."""
-    head = model.get_output_embeddings()
+def quantize_int4(model: torch.nn.Module, dense_from: int = 0, head: bool = False) -> dict[str, float]:
+    """Replace the decoder's linear layers (and the output layer too, with `head`) with Int4Linear, in place
+    (keeping bf16 weights too for forwards of `dense_from` rows or more, where it is not 0); returns each one's
+    largest rounding error (0 where the weights were 4-bit already)."""
+    output = None if head else model.get_output_embeddings()
     errors = {}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child is not head and quantizable(child):
+            if child is not output and quantizable(child):
                 q = Int4Linear(child, dense_from)
                 setattr(module, child_name, q)
                 errors[f"{name}.{child_name}".lstrip(".")] = q.error

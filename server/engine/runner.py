@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from . import fused
+from . import fused, llama
 from .batch import Batch, Prefill
 from .decoding import apply_processors
 from .kvcache import KVCache
@@ -48,6 +48,7 @@ class ModelRunner:
         self.takes_positions = "position_ids" in accepted
         self.takes_logits_to_keep = "logits_to_keep" in accepted
         self.fused = False  # set by enable_fused() when the model passes its check
+        self.native: llama.LlamaStep | None = None  # the decode step, where enable_native() finds it matches
         # Prompt log-probabilities come from the network's last hidden states, through the output layer a slice of
         # positions at a time; models that change their logits past that layer (soft-capping, a logit scale) take
         # every position's logits from the model at once instead.
@@ -259,11 +260,52 @@ class ModelRunner:
     def decode(self, batch: Batch) -> torch.Tensor:
         """Feed every row its next token; return the logits for the token after."""
         batch.open_column()
-        logits = self._forward(
-            batch.next_tokens.unsqueeze(1), batch.attention_mask, batch.positions.unsqueeze(1), batch.cache
-        )
+        if self.native is not None:
+            self._matmuls(len(batch))
+            logits = self.native(batch.next_tokens, batch.positions, batch.attention_mask, batch.cache)
+        else:
+            logits = self._forward(
+                batch.next_tokens.unsqueeze(1), batch.attention_mask, batch.positions.unsqueeze(1), batch.cache
+            )
         batch.positions += 1
         return logits
+
+    def enable_native(self) -> str | None:
+        """Decode through llama.py's step, on CPU, for a model of that shape whose logits match transformers'
+        forward there; returns why not, or None."""
+        if self.device.type != "cpu":
+            return "not on CPU"
+        why = llama.unsupported(self.model)
+        if why is not None:
+            return why
+        step = llama.LlamaStep(self.model, self.vocab_size)
+        try:
+            if self._native_matches(step):
+                self.native = step
+                return None
+            return "its logits differ from transformers' forward"
+        except Exception as e:  # a model that looks the part but is not
+            self.native = None
+            return f"{type(e).__name__}: {e}"
+
+    def _native_matches(self, step: llama.LlamaStep) -> bool:
+        """Four decode steps of a padded batch of two and of one row, through transformers' forward and through
+        `step`, from the same prompts and tokens: the same logits, within bf16's rounding."""
+        for prompts in (([1, 2, 3, 4, 5, 6, 7], [8, 9, 10]), ([11, 12, 13, 14],)):
+            runs = []
+            for native in (None, step):
+                self.native = native
+                batch, logits = self.prefill(bare_requests(prompts, SamplingParams(max_tokens=8, temperature=0.0)))
+                found = [logits]
+                for i in range(4):
+                    batch.next_tokens = (runs[0][i] if runs else found[-1]).argmax(-1)
+                    found.append(self.decode(batch))
+                runs.append(found)
+            self.native = None
+            if not all(torch.allclose(g, e, rtol=0.05, atol=0.05 * float(e.abs().max()))
+                       for g, e in zip(runs[1][1:], runs[0][1:], strict=True)):
+                return False
+        return True
 
     @torch.inference_mode()
     def verify(self, batch: Batch, drafts: list[list[int]]) -> tuple[list[int], list[list[int]], list[int]]:
