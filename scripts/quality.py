@@ -48,11 +48,10 @@ def load(hf_dir: Path, mode: str):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16 if mode == "bf16" else torch.float32)
-    if mode in ("int4", "int4-head"):  # as the server does: the 4-bit values from the fp32 dequantization, the
-        # rest in bf16; int4-head: the output layer 4-bit too
+    if mode == "int4":  # as the server does: the 4-bit values from the fp32 dequantization, the rest in bf16
         from server.engine.quant import quantize_int4
 
-        quantize_int4(model, head=mode == "int4-head")
+        quantize_int4(model)
         model.to(torch.bfloat16)
     return model.eval()
 

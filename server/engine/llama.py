@@ -48,7 +48,17 @@ def unsupported(model: Any) -> str | None:
     return None
 
 
-def _joined(parts: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+def _product(layer: torch.nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A linear layer's product of (rows, in) inputs in `dtype`, without its module's call where it can."""
+    if isinstance(layer, Int4Linear) and layer.scales_zeros.dtype == dtype and \
+            (layer.bias is None or layer.bias.dtype == dtype):
+        return layer.product()
+    if type(layer) is torch.nn.Linear:
+        return functools.partial(F.linear, weight=layer.weight, bias=layer.bias)
+    return layer
+
+
+def _joined(parts: list[torch.nn.Module], dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """One product for layers that read the same input, where they are all torch Linear or all 4-bit (quant.py)
     and join; otherwise each layer's own, side by side."""
     if all(type(p) is torch.nn.Linear for p in parts) and len({p.bias is None for p in parts}) == 1:
@@ -63,8 +73,9 @@ def _joined(parts: list[torch.nn.Module]) -> Callable[[torch.Tensor], torch.Tens
     if all(isinstance(p, Int4Linear) for p in parts):
         joined = Int4Linear.joined(parts)
         if joined is not None:
-            return joined
-    return lambda x: torch.cat([p(x) for p in parts], dim=-1)
+            return _product(joined, dtype)
+    products = [_product(p, dtype) for p in parts]
+    return lambda x: torch.cat([product(x) for product in products], dim=-1)
 
 
 class LlamaStep:
@@ -83,13 +94,14 @@ class LlamaStep:
         self.scaling = attn.scaling
         self.intermediate = config.intermediate_size
         self.vocab_size = vocab_size
+        dtype = self.embed.weight.dtype
         self.layers = [
             (layer.input_layernorm.weight,
-             _joined([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
-             layer.self_attn.o_proj,
+             _joined([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], dtype),
+             _product(layer.self_attn.o_proj, dtype),
              layer.post_attention_layernorm.weight,
-             _joined([layer.mlp.gate_proj, layer.mlp.up_proj]),
-             layer.mlp.down_proj)
+             _joined([layer.mlp.gate_proj, layer.mlp.up_proj], dtype),
+             _product(layer.mlp.down_proj, dtype))
             for layer in base.layers
         ]
 
