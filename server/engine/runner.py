@@ -275,22 +275,21 @@ class ModelRunner:
         forward there; returns why not, or None."""
         if self.device.type != "cpu":
             return "not on CPU"
-        why = llama.unsupported(self.model)
-        if why is not None:
-            return why
-        step = llama.LlamaStep(self.model, self.vocab_size)
         try:
-            if self._native_matches(step):
-                self.native = step
+            why = llama.unsupported(self.model)
+            if why is not None:
+                return why
+            if self._native_matches(llama.LlamaStep(self.model, self.vocab_size)):
                 return None
             return "its logits differ from transformers' forward"
-        except Exception as e:  # a model that looks the part but is not
+        except Exception as e:  # a model that looks the part but is not (remote code of the same model type)
             self.native = None
             return f"{type(e).__name__}: {e}"
 
     def _native_matches(self, step: llama.LlamaStep) -> bool:
         """Four decode steps of a padded batch of two and of one row, through transformers' forward and through
-        `step`, from the same prompts and tokens: the same logits, within bf16's rounding."""
+        `step`, from the same prompts and tokens: the same logits, within bf16's rounding. Where they are, the
+        runner decodes through `step` from now on."""
         for prompts in (([1, 2, 3, 4, 5, 6, 7], [8, 9, 10]), ([11, 12, 13, 14],)):
             runs = []
             for native in (None, step):
@@ -305,6 +304,7 @@ class ModelRunner:
             if not all(torch.allclose(g, e, rtol=0.05, atol=0.05 * float(e.abs().max()))
                        for g, e in zip(runs[1][1:], runs[0][1:], strict=True)):
                 return False
+        self.native = step
         return True
 
     @torch.inference_mode()
