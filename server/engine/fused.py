@@ -22,6 +22,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from .attention import Run, attend
 from .kvcache import KVCache
 
 NAME = "polyglot_fused"
@@ -42,7 +43,7 @@ class Group:
 class FusedStep:
     decode_cache: KVCache
     rows: int  # decode rows, one token each, first in the flat sequence
-    decode_mask: torch.Tensor  # (rows, 1, 1, keys) bool
+    decode_runs: list[Run]  # the decode rows by runs of about the same length (attention.py)
     groups: list[Group]  # then each group's tokens, row by row
     kv: dict[int, list] = field(default_factory=dict)
 
@@ -81,12 +82,15 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     if s is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    masks = [s.decode_mask] + [g.mask for g in s.groups]
-    out = []
-    for q, (k, v), mask in zip(s.split(query), s.kv.pop(module.layer_idx), masks, strict=True):
-        o, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=scaling, dropout=0.0)
-        out.append(o.reshape(1, -1, *o.shape[-2:]))  # (rows, tokens, heads, dim) -> flat
-    return torch.cat(out, dim=1), None
+
+    def sdpa(q, k, v, mask):
+        return sdpa_attention_forward(module, q, k, v, mask, scaling=scaling, dropout=0.0)[0]
+
+    parts, kv = s.split(query), s.kv.pop(module.layer_idx)
+    outs = [attend(parts[0], *kv[0], s.decode_runs, scaling, sdpa)]
+    outs += [sdpa(q, k, v, g.mask) for q, (k, v), g in zip(parts[1:], kv[1:], s.groups, strict=True)]
+    # each (rows, tokens, heads, dim) -> one flat sequence
+    return torch.cat([o.reshape(1, -1, *o.shape[-2:]) for o in outs], dim=1), None
 
 
 AttentionInterface.register(NAME, attention)

@@ -11,8 +11,9 @@ the same arithmetic runs straight on the model's own weights, about 30 operators
   once a step for all layers;
 - keys and values written into the in-place cache (kvcache.py) as transformers' forward writes them;
 - attention by grouped query: the query heads that share a key/value head are one block of queries against it, so
-  keys and values are not repeated per head, and the batch's padding mask goes to attention as it is (none at all
-  where no column is padding), not widened to a float mask a step.
+  keys and values are not repeated per head; rows of about the same length attend together over their own columns
+  (attention.py), with the batch's padding mask as it is (none at all where no column is padding), not widened to a
+  float mask a step.
 
 The runner checks a model's logits through this step against transformers' forward at start-up, as it does for
 fused.py, and keeps transformers' where they differ.
@@ -26,6 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .attention import attend, runs
 from .kvcache import KVCache
 from .quant import Int4Linear
 
@@ -120,7 +122,7 @@ class LlamaStep:
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
         # rotate_half(x) * sin == swap(x) * signed: x's halves swapped, the first half's sines negated
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        padded = None if bool(mask.all()) else mask.bool()[:, None, None, :]
+        cut = runs(mask)  # rows of about the same length attend together, over their own columns
         for i, (norm1, qkv, o_proj, norm2, gate_up, down_proj) in enumerate(self.layers):
             x = qkv(self._norm(h, norm1)).view(rows, rotated + kv_heads, 1, dim)
             qk = x[:, :rotated]
@@ -129,7 +131,7 @@ class LlamaStep:
             keys, values = cache.layers[i].update(qk[:, heads:], x[:, rotated:])
             # the query heads of each key/value head as one block of queries: (rows, kv heads, heads / kv heads, dim)
             query = qk[:, :heads].view(rows, kv_heads, heads // kv_heads, dim)
-            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=padded, scale=self.scaling)
+            out = attend(query, keys, values, cut, self.scaling)
             h = h + o_proj(out.view(rows, heads * dim))
             gate, up = gate_up(self._norm(h, norm2)).split(self.intermediate, dim=-1)
             h = h + down_proj(F.silu(gate) * up)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from . import fused, llama
+from . import attention, fused, llama
 from .batch import Batch, Prefill
 from .decoding import apply_processors
 from .kvcache import KVCache
@@ -219,7 +219,7 @@ class ModelRunner:
             if last:  # each prompt's last position
                 keep += [first + i * size + size - 1 for i in range(len(p.requests))]
             spans.append((p, last))
-        step = fused.FusedStep(batch.cache, rows, batch.attention_mask.bool()[:, None, None, :], groups)
+        step = fused.FusedStep(batch.cache, rows, attention.runs(batch.attention_mask), groups)
         self._matmuls(sum(t.numel() for t in ids))
         logits = fused.forward(self.model, step, torch.cat(ids).unsqueeze(0),
                                torch.cat(positions).unsqueeze(0) if self.takes_positions else None,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
-from server.engine import llama
+from server.engine import attention, llama
 from server.engine.params import SamplingParams
 from server.engine.quant import Int4Linear, quantize_int4
 from server.engine.runner import ModelRunner, bare_requests
@@ -54,7 +54,9 @@ def steps(runner: ModelRunner, native, tokens=None) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_the_written_out_step_gives_transformers_logits(name):
+@pytest.mark.parametrize("call_pairs", [attention.CALL_PAIRS, 0])
+def test_the_written_out_step_gives_transformers_logits(monkeypatch, name, call_pairs):
+    monkeypatch.setattr(attention, "CALL_PAIRS", call_pairs)  # 0: rows of other lengths attend apart (attention.py)
     model = tiny(name)
     runner = ModelRunner(model, torch.device("cpu"), vocab_size=300)
     assert llama.unsupported(model) is None
