@@ -545,43 +545,47 @@ def bare_forward_ms(model, tok, steps: int = 64) -> float:
     return round(pct(times, 0.5), 2)
 
 
-def profile_step(loaded, rows: int, steps: int = 10) -> dict:
+def profile_step(loaded, rows: int, steps: int = 10, native: bool = True) -> dict:
     """Where a decode step of `rows` rows goes, in this process, with the model `loaded` as the server loads it (the
-    default model, --dtype auto, --quantization auto): the median step, the operators it runs, and their own time
-    by kind: the matrix products (dense and 4-bit), attention, and the rest (norms, rotary embeddings, the
-    residual adds, copies into the cache: operators whose time is mostly the framework's per-call cost), each
-    operator's own time (not its callees'); `ops_per_step` counts aten operator calls, nested ones included."""
-    import torch
+    default model, --dtype auto, --quantization auto) and decoded as the server decodes it (through llama.py's step
+    where the model passes its check; through transformers' forward with `native` False): the median step, the
+    operators it runs, and their own time by kind: the matrix products (dense and 4-bit), attention, and the rest
+    (norms, rotary embeddings, the residual adds, copies into the cache: operators whose time is mostly the
+    framework's per-call cost), each operator's own time (not its callees'); `ops_per_step` counts aten operator
+    calls, nested ones included."""
     from torch.profiler import ProfilerActivity, profile
-    from transformers import DynamicCache
 
-    from server.engine.cpu import onednn
+    from server.engine.params import SamplingParams
+    from server.engine.runner import ModelRunner, bare_requests
 
-    model = loaded.model
+    runner = ModelRunner(loaded.model, loaded.device, len(loaded.tokenizer), onednn_min_tokens=loaded.onednn_min_tokens)
+    why = runner.enable_native() if native else "--no-native-decode"
     kinds = {"matmul": ("aten::mm", "aten::addmm", "aten::linear", "aten::_weight_int4pack_mm_for_cpu",
                         "aten::matmul", "aten::bmm", "mkldnn"),
              "attention": ("scaled_dot_product", "_scaled_dot_product")}
-    # oneDNN as the runner sets it for a forward of `rows` tokens
-    with torch.inference_mode(), onednn(rows >= loaded.onednn_min_tokens):
-        cache = DynamicCache()
-        logits = model(input_ids=torch.randint(100, 1000, (rows, 40)), past_key_values=cache, use_cache=True).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        times = []
+    prompts = [list(range(100 + i, 140 + i)) for i in range(rows)]
+    batch, logits = runner.prefill(bare_requests(prompts, SamplingParams(max_tokens=64, temperature=0.0)))
+
+    def step():
+        nonlocal logits
+        batch.next_tokens = logits.argmax(-1)
+        logits = runner.decode(batch)
+
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(1000 * (time.perf_counter() - start))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            start = time.perf_counter()
-            token = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(
-                -1, keepdim=True)
-            times.append(1000 * (time.perf_counter() - start))
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                token = model(input_ids=token, past_key_values=cache, use_cache=True,
-                              logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+            step()
     by_kind, calls = {"matmul": 0.0, "attention": 0.0, "other": 0.0}, 0
     for e in prof.key_averages():
         kind = next((k for k, names in kinds.items() if any(n in e.key for n in names)), "other")
         by_kind[kind] += e.self_cpu_time_total / 1000 / steps
         calls += e.count if e.key.startswith("aten::") else 0
-    return {"rows": rows, "step_ms": round(pct(times, 0.5), 2), "ops_per_step": round(calls / steps),
+    return {"rows": rows, "decode": "llama.py" if why is None else f"transformers' forward ({why})",
+            "step_ms": round(pct(times, 0.5), 2), "ops_per_step": round(calls / steps),
             "ms_per_step": {k: round(v, 2) for k, v in by_kind.items()}}
 
 
@@ -759,10 +763,12 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     if args.profile_rows:
         from server.config import Settings
+        from server.engine.build import off_main_thread
         from server.engine.loader import load
 
-        loaded = load(Settings())
-        found = [profile_step(loaded, int(r)) for r in args.profile_rows.split(",")]
+        loaded = off_main_thread(lambda: load(Settings()))  # as the server loads it: OpenMP's team stays here
+        found = [profile_step(loaded, int(r), native=native) for r in args.profile_rows.split(",")
+                 for native in (True, False)]
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "step-profile.json").write_text(json.dumps(found, indent=1) + "\n")
         print(json.dumps(found, indent=1))
