@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import attend, runs
+from .attention import Run, attend, runs
 from .kvcache import KVCache
 from .quant import Int4Linear
 
@@ -115,24 +115,39 @@ class LlamaStep:
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        rows, heads, kv_heads, dim = ids.shape[0], self.heads, self.kv_heads, self.head_dim
-        rotated, half = heads + kv_heads, dim // 2
-        h = self.embed(ids)  # (rows, hidden)
-        cos, sin = self.rotary(h, positions.unsqueeze(1))  # (rows, 1, dim), broadcast over the heads below
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        """Logits (rows, vocab) of one token a row: ids and positions (rows,). With ids and positions (rows, tokens),
+        each row feeds that many (a token and its draft, speculative.py), each seeing the ones before it: logits
+        (rows, tokens, vocab)."""
+        rows, tokens = ids.shape[0], ids.shape[1] if ids.dim() == 2 else 1
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        rotated, half, group = heads + kv_heads, dim // 2, heads // kv_heads
+        h = self.embed(ids.reshape(-1))  # (rows x tokens, hidden)
+        cos, sin = self.rotary(h, positions.reshape(rows, tokens))  # (rows, tokens, dim)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over the heads
         # rotate_half(x) * sin == swap(x) * signed: x's halves swapped, the first half's sines negated
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        cut = runs(mask)  # rows of about the same length attend together, over their own columns
+        if tokens == 1:  # rows of about the same length attend together, over their own columns
+            cut = runs(mask)
+        else:  # token t of a row sees its row's columns up to its own; the query heads of a group share the mask
+            width = mask.shape[1]
+            own = torch.arange(width, device=mask.device) <= torch.arange(width - tokens, width, device=mask.device
+                                                                          ).unsqueeze(1)
+            seen = (mask.bool().unsqueeze(1) & own).unsqueeze(1)  # (rows, 1, tokens, width)
+            cut = [Run(slice(0, rows), 0, seen.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(
+                rows, 1, group * tokens, width))]
         for i, (norm1, qkv, o_proj, norm2, gate_up, down_proj) in enumerate(self.layers):
-            x = qkv(self._norm(h, norm1)).view(rows, rotated + kv_heads, 1, dim)
-            qk = x[:, :rotated]
-            swapped = qk.view(rows, rotated, 1, 2, half).flip(3).view(rows, rotated, 1, dim)
+            x = qkv(self._norm(h, norm1)).view(rows, tokens, rotated + kv_heads, dim)
+            qk = x[:, :, :rotated]
+            swapped = qk.reshape(rows, tokens, rotated, 2, half).flip(3).view(rows, tokens, rotated, dim)
             qk = qk * cos + swapped * sin
-            keys, values = cache.layers[i].update(qk[:, heads:], x[:, rotated:])
-            # the query heads of each key/value head as one block of queries: (rows, kv heads, heads / kv heads, dim)
-            query = qk[:, :heads].view(rows, kv_heads, heads // kv_heads, dim)
-            out = attend(query, keys, values, cut, self.scaling)
-            h = h + o_proj(out.view(rows, heads * dim))
+            keys, values = cache.layers[i].update(qk[:, :, heads:].transpose(1, 2), x[:, :, rotated:].transpose(1, 2))
+            # the query heads of each key/value head as one block of queries: (rows, kv heads, group x tokens, dim)
+            query = qk[:, :, :heads].transpose(1, 2).reshape(rows, kv_heads, group * tokens, dim)
+            out = attend(query, keys, values, cut, self.scaling)  # (rows, kv heads, group x tokens, dim)
+            if tokens > 1:
+                out = out.view(rows, heads, tokens, dim).transpose(1, 2)
+            h = h + o_proj(out.reshape(rows * tokens, heads * dim))
             gate, up = gate_up(self._norm(h, norm2)).split(self.intermediate, dim=-1)
             h = h + down_proj(F.silu(gate) * up)
-        return self.head(self._norm(h, self.norm))[:, : self.vocab_size].float()
+        logits = self.head(self._norm(h, self.norm))[:, : self.vocab_size].float()
+        return logits if ids.dim() == 1 else logits.view(rows, tokens, -1)

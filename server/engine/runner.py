@@ -318,7 +318,11 @@ class ModelRunner:
         ids = torch.cat([batch.next_tokens.unsqueeze(1), padded], dim=1)
         batch.open_column(k + 1)
         positions = batch.positions.unsqueeze(1) + torch.arange(k + 1, device=self.device)
-        logits = self._forward(ids, batch.attention_mask, positions, batch.cache, all_logits=True)
+        if self.native is not None:
+            self._matmuls(ids.numel())
+            logits = self.native(ids, positions, batch.attention_mask, batch.cache)
+        else:
+            logits = self._forward(ids, batch.attention_mask, positions, batch.cache, all_logits=True)
         nan = torch.isnan(logits).flatten(1).any(dim=1)
         logits.masked_fill_(nan[:, None, None], 0.0)
         rows = batch.params

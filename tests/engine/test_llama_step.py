@@ -114,3 +114,24 @@ def test_models_of_other_shapes_keep_transformers_forward():
     assert llama.unsupported(windowed) == "sliding-window attention"
     gelu = AutoModelForCausalLM.from_config(LlamaConfig(**SIZES, hidden_act="gelu"))
     assert llama.unsupported(gelu) == "activation 'gelu'"
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_several_tokens_a_row_as_a_draft_check_feeds_them(name):
+    """Prompt lookup's check (runner.verify) feeds each row its token and a draft: the step's logits at every
+    position match transformers' forward of the same tokens, padded rows and a masked column included."""
+    model = tiny(name)
+    runner = ModelRunner(model, torch.device("cpu"), vocab_size=300)
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    ids = torch.tensor([[7, 8, 9, 10], [11, 12, 13, 14]])
+    found = []
+    for native in (None, llama.LlamaStep(model, 300)):
+        batch, _ = runner.prefill(bare_requests(([5, 6, 7, 8, 9, 10, 11], [12, 13, 14]), params))
+        batch.attention_mask[1, -1] = 0  # a column the second row did not keep (a rejected draft's)
+        batch.open_column(4)
+        positions = batch.positions.unsqueeze(1) + torch.arange(4)
+        with torch.inference_mode():
+            found.append(native(ids, positions, batch.attention_mask, batch.cache) if native is not None else
+                         runner._forward(ids, batch.attention_mask, positions, batch.cache, all_logits=True))
+    assert found[0].shape == found[1].shape == (2, 4, 300)
+    torch.testing.assert_close(found[1], found[0], rtol=1e-4, atol=1e-4)
