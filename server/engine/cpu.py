@@ -6,8 +6,8 @@ bound by the bytes of weights read, so bf16's half-size weights can win on a CPU
 arithmetic, where converting costs. So `--dtype auto` on CPU times both dtypes on a decode-shaped workload (eight
 2048x2048 layers, 128 MiB of fp32 weights: more than a CPU's caches, as a model's are) at 1 row and at 32 rows, and
 takes bf16 when the geometric mean of its two times beats fp32's by MARGIN (bf16 rounds more, so it must pay). The
-result is kept per CPU model, feature set and torch version (one file in the cache folder); a file lock makes
-servers that start together measure once.
+timings are kept per CPU model, feature set and torch version (one file in the cache folder; the choice is made
+from them anew at each start); a file lock makes servers that start together measure once.
 
 Where oneDNN computes bf16 (AVX-512), it is the backend for bf16 matmuls, and it wins from two rows up (at 32 rows
 of the default model, 94 ms a step against 288 through torch's own kernels); but at one row torch's own kernel
@@ -15,10 +15,14 @@ reads the weights faster (19 ms a step against 37). The probe times that too, an
 token (one stream decoding alone) run with oneDNN switched off (`onednn_min_tokens`).
 
 It also times the same layers as 4-bit weights through PyTorch's packed int4 kernel (quant.py) at 1, 8, 32 and 128
-rows, against bf16 at its best. Where they win at one row by MARGIN, a GGUF file whose weights are 4-bit runs on them
-(`--quantization auto`), keeping the file's own values; where bf16 wins by MARGIN from 8, 32 or 128 rows up
-(oneDNN's kernels compute faster than the packed kernel unpacks: prompt chunks, many streams), the layers keep bf16
-weights beside the 4-bit ones for forwards of that many rows (`int4_dense_from`).
+rows, against bf16 at its best. Where they win over one and eight rows (the geometric mean of the two times) by
+MARGIN, a GGUF file whose weights are 4-bit runs on them (`--quantization auto`), keeping the file's own values;
+where bf16 wins by MARGIN from 8, 32 or 128 rows up (oneDNN's kernels compute faster than the packed kernel unpacks:
+prompt chunks, many streams), the layers keep bf16 weights beside the 4-bit ones for forwards of that many rows
+(`int4_dense_from`). Where fp32 is the dtype, the packed kernel is held against fp32's times at 1 and 32 rows
+instead, with no bf16 copies beside it. One row alone does not decide: with bf16 converted to fp32 (AVX2), the probe found the packed
+kernel a little slower at one row and 2.6x faster at 8, and the server on 4-bit weights was faster at 1, 8 and 32
+clients alike.
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ class Choice:
     ms: dict[str, list[float]]  # per dtype: the workload's time at 1 row and at 32 rows (bf16 without oneDNN: 1 row)
     why: str
     onednn_min_tokens: int = 0  # forwards of fewer tokens run with oneDNN off (0: never off)
-    int4: bool = False  # 4-bit weights through the packed int4 kernel beat bf16 at one row (quant.py)
+    int4: bool = False  # 4-bit weights through the packed int4 kernel beat bf16 over 1 and 8 rows (quant.py)
     int4_dense_from: int = 0  # forwards of this many rows or more are faster on bf16 weights (0: never)
 
 
@@ -110,14 +114,21 @@ def choose(ms: dict[str, list[float]]) -> Choice:
         more = ms.get(BF16_MORE, [math.inf, math.inf])
         bf16 = [min(ms["bfloat16"][0], plain[0]) if onednn_off else ms["bfloat16"][0], more[0], ms["bfloat16"][1],
                 more[1]]
-        # taken where it wins at one row by the margin; bf16 weights beside it from where bf16 wins by the margin
-        takes_int4 = int4[0] < MARGIN * bf16[0]
-        loses = [i for i, (t, b) in enumerate(zip(int4, bf16, strict=True)) if b < MARGIN * t]
+        # taken where it wins over one and eight rows (a decode step's range: the geometric mean, by the margin);
+        # bf16 weights beside it from where bf16 wins by the margin past one row
+        takes_int4 = math.sqrt(int4[0] * int4[1]) < MARGIN * math.sqrt(bf16[0] * bf16[1])
+        loses = [i for i, (t, b) in enumerate(zip(int4, bf16, strict=True)) if i and b < MARGIN * t]
         # between the last row count where 4-bit held and the first where bf16 won: halfway, on a log scale
         dense_from = round(math.sqrt(INT4_ROWS[loses[0] - 1] * INT4_ROWS[loses[0]])) if takes_int4 and loses else 0
+        against = f"bf16's {'/'.join(f'{t:.1f}' for t in bf16)}"
+    elif int4 is not None:  # fp32 chosen: the packed kernel (bf16 activations) against fp32 at 1 and 32 rows
+        fp32 = ms["float32"]
+        takes_int4 = math.sqrt(int4[0] * int4[2]) < MARGIN * math.sqrt(fp32[0] * fp32[1])
+        against = f"fp32's {fp32[0]:.1f} at 1 row and {fp32[1]:.1f} at 32"
+    if int4 is not None:
         why += (f"; 4-bit weights (packed int4 kernel) at 1/8/32/128 rows: {'/'.join(f'{t:.1f}' for t in int4)} ms "
-                f"against bf16's {'/'.join(f'{t:.1f}' for t in bf16)}: "
-                + ("not faster at one row, not used unless asked for" if not takes_int4 else
+                f"against {against}: "
+                + ("not faster, not used unless asked for" if not takes_int4 else
                    "used for 4-bit GGUF files" + (f", with bf16 weights beside them from {dense_from} rows"
                                                   if dense_from else "")))
     return Choice(dtype, ms, why, onednn_min_tokens=2 if onednn_off else 0, int4=takes_int4,
@@ -194,7 +205,7 @@ def cpu_dtype(cache: Path, cpu: Cpu | None = None, measure=measure) -> Choice:
         except (OSError, ValueError):
             kept = {}
         if cpu.key in kept:
-            choice, source = Choice(**kept[cpu.key]), f"kept in {cache}"
+            choice, source = choose(kept[cpu.key]["ms"]), f"timings kept in {cache}"  # decided anew
         else:
             started = time.perf_counter()
             choice = choose(measure())
