@@ -151,9 +151,11 @@ def test_tool_calls_on_the_default_model(default_server, validate):
     tools = [WEATHER_TOOL, TIME_TOOL]
     named = {"type": "function", "function": {"name": "get_time"}}
     required, single, auto, none, events = together(
-        lambda: chat(default_server, messages=WEATHER, tools=tools, tool_choice="required", max_tokens=200),
+        # sampled calls get room to close their strings (a sampled location ran past 80 tokens once, in bf16,
+        # where the batch a row runs in changes its numbers)
+        lambda: chat(default_server, messages=WEATHER, tools=tools, tool_choice="required", max_tokens=400),
         lambda: chat(default_server, messages=WEATHER, tools=tools, tool_choice="required", parallel_tool_calls=False,
-                     temperature=1.0, seed=4, max_tokens=80),
+                     temperature=1.0, seed=4, max_tokens=250),
         lambda: chat(default_server, messages=WEATHER, tools=tools, max_tokens=60, temperature=0),
         lambda: chat(default_server, messages=WEATHER, tools=tools, tool_choice="none", max_tokens=8, temperature=0),
         lambda: stream(default_server, messages=WEATHER, tools=tools, tool_choice=named, max_tokens=80))
