@@ -20,9 +20,9 @@ MARGIN, a GGUF file whose weights are 4-bit runs on them (`--quantization auto`)
 where bf16 wins by MARGIN from 8, 32 or 128 rows up (oneDNN's kernels compute faster than the packed kernel unpacks:
 prompt chunks, many streams), the layers keep bf16 weights beside the 4-bit ones for forwards of that many rows
 (`int4_dense_from`). Where fp32 is the dtype, the packed kernel is held against fp32's times at 1 and 32 rows
-instead, with no bf16 copies beside it. One row alone does not decide: with bf16 converted to fp32 (AVX2), the probe found the packed
-kernel a little slower at one row and 2.6x faster at 8, and the server on 4-bit weights was faster at 1, 8 and 32
-clients alike.
+instead, with no bf16 copies beside it. One row alone does not decide: with bf16 converted to fp32 (AVX2), the
+probe found the packed kernel a little slower at one row and 2.6x faster at 8, and the server on 4-bit weights was
+faster at 1, 8 and 32 clients alike.
 """
 
 from __future__ import annotations

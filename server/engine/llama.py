@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import Run, attend, runs
+from .fused import prefill_mask
 from .kvcache import KVCache
 from .quant import Int4Linear
 
@@ -52,8 +53,7 @@ def unsupported(model: Any) -> str | None:
 
 def _product(layer: torch.nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """A linear layer's product of (rows, in) inputs in `dtype`, without its module's call where it can."""
-    if isinstance(layer, Int4Linear) and layer.scales_zeros.dtype == dtype and \
-            (layer.bias is None or layer.bias.dtype == dtype):
+    if isinstance(layer, Int4Linear) and layer.scales_zeros.dtype == dtype:
         return layer.product()
     if type(layer) is torch.nn.Linear:
         return functools.partial(F.linear, weight=layer.weight, bias=layer.bias)
@@ -130,9 +130,7 @@ class LlamaStep:
             cut = runs(mask)
         else:  # token t of a row sees its row's columns up to its own; the query heads of a group share the mask
             width = mask.shape[1]
-            own = torch.arange(width, device=mask.device) <= torch.arange(width - tokens, width, device=mask.device
-                                                                          ).unsqueeze(1)
-            seen = (mask.bool().unsqueeze(1) & own).unsqueeze(1)  # (rows, 1, tokens, width)
+            seen = prefill_mask(mask, width - tokens, width)  # (rows, 1, tokens, width)
             cut = [Run(slice(0, rows), 0, seen.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(
                 rows, 1, group * tokens, width))]
         for i, (norm1, qkv, o_proj, norm2, gate_up, down_proj) in enumerate(self.layers):

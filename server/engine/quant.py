@@ -11,6 +11,7 @@ the embeddings stay as they are (GGUF keeps them at 8 bits or more too).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -47,6 +48,17 @@ def _weight(module: torch.nn.Module) -> torch.Tensor | None:
     if isinstance(module, Conv1D):
         return module.weight.t()
     return None
+
+
+def _product(flat: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, dense: torch.Tensor | None,
+             dense_from: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """(rows, in) inputs in the scales' dtype -> (rows, out): on the bf16 weights from `dense_from` rows where they
+    are kept, else through the packed kernel."""
+    if dense is not None and flat.shape[0] >= dense_from:
+        y = torch.nn.functional.linear(flat, dense)
+    else:
+        y = torch._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scales_zeros)
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 class Int4Linear(torch.nn.Module):
@@ -102,30 +114,17 @@ class Int4Linear(torch.nn.Module):
 
     def product(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """This layer's product as a plain function of (rows, in) inputs in the scales' dtype, without the module's
-        call, reshapes and conversions (llama.py calls it ~120 times a step, where those cost a third as much as
-        the kernel at one row)."""
-        packed, scales, dense, dense_from, bias = self.packed, self.scales_zeros, self.dense, self.dense_from, self.bias
-
-        def product(x: torch.Tensor) -> torch.Tensor:
-            if dense is not None and x.shape[0] >= dense_from:
-                y = torch.nn.functional.linear(x, dense)
-            else:
-                y = torch._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales)
-            return y if bias is None else y + bias
-
-        return product
+        call, reshapes and conversions, and without reading its buffers through the module each call (llama.py
+        calls it ~120 times a step, where those cost a third as much as the kernel at one row)."""
+        return functools.partial(_product, packed=self.packed, scales_zeros=self.scales_zeros, dense=self.dense,
+                                 dense_from=self.dense_from, bias=self.bias)
 
     def _packed_mm(self, flat: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(self.scales_zeros.dtype)
-        if self.dense is not None and flat.shape[0] >= self.dense_from:
-            y = torch.nn.functional.linear(flat, self.dense)
-        else:
-            y = self._packed_mm(flat)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        y = _product(x.reshape(-1, self.in_features).to(self.scales_zeros.dtype), self.packed, self.scales_zeros,
+                     self.dense, self.dense_from, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
